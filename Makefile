@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+GOLDEN ?= ../shared/golden
+
+.PHONY: install serve test lint format parity
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch is pinned in the same pip call as the project so pip never reaches for a newer CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+ARGS ?= "a white cat sleeping on a wooden table next to three green apples" --out out/demo --width 256 --height 256 --num-timesteps 10 --max-think-tokens 64
+
+serve: install
+	$(BIN)/python -m irg_engine.generate $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+parity: install
+	$(BIN)/python -m irg_engine.parity $(GOLDEN)/text $(GOLDEN)/vit $(GOLDEN)/vae $(GOLDEN)/t2i $(GOLDEN)/edit $(GOLDEN)/irg

@@ -1,0 +1,442 @@
+"""BAGEL-layout checkpoint folders: the only module that knows the published tensor names.
+
+A folder holds `llm_config.json`, `vit_config.json`, the BAGEL weights (`ema.safetensors`,
+`ema_bf16.safetensors`, or shards listed in a `*.safetensors.index.json`), the FLUX autoencoder
+`ae.safetensors` and the tokenizer files. Loading: read the JSON configs and apply the overrides the
+published code applies (QK-norm on, the last ViT layer dropped, untied lm_head), infer the
+autoencoder's shape from its tensors, build the modules on the meta device, then read each tensor
+from the memory-mapped files, convert it to the target dtype/device and assign it (one copy of the
+weights at any time). Every problem is reported as one `CheckpointError` naming the file or the
+missing / unexpected / mis-shaped tensors.
+
+`python -m irg_engine.checkpoint inspect DIR` prints what a folder holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from irg_engine.config import BagelConfig, LMConfig, ViTConfig
+from irg_engine.model.bagel import Bagel, LoadedModel
+from irg_engine.model.vae import AutoEncoder, VaeConfig
+
+WEIGHT_FILES = ("ema.safetensors", "ema_bf16.safetensors", "model.safetensors")
+INFO_FILE = "tiny_model_info.json"  # not published: written by tiny.py with the hard-coded values
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+SHOW = 5
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that cannot be loaded; the message says exactly why."""
+
+
+# Published name -> our module path. Order matters only for readability.
+_LLM = r"language_model\.model\.layers\.(\d+)\."
+_VIT = r"vit_model\.vision_model\."
+_RULES: list[tuple[str, str]] = [
+    (r"language_model\.model\.embed_tokens\.weight", r"lm.embed_tokens.weight"),
+    (r"language_model\.lm_head\.weight", r"lm.lm_head.weight"),
+    (r"language_model\.model\.norm\.weight", r"lm.norms.0.weight"),
+    (r"language_model\.model\.norm_moe_gen\.weight", r"lm.norms.1.weight"),
+    (_LLM + r"input_layernorm(_moe_gen)?\.weight", r"lm.layers.\1.experts.E.input_norm.weight"),
+    (
+        _LLM + r"post_attention_layernorm(_moe_gen)?\.weight",
+        r"lm.layers.\1.experts.E.post_norm.weight",
+    ),
+    (
+        _LLM + r"self_attn\.([qkvo])_proj(_moe_gen)?\.(weight|bias)",
+        r"lm.layers.\1.experts.E.\2_proj.\4",
+    ),
+    (_LLM + r"self_attn\.([qk])_norm(_moe_gen)?\.weight", r"lm.layers.\1.experts.E.\2_norm.weight"),
+    (
+        _LLM + r"mlp(_moe_gen)?\.(gate|up|down)_proj\.weight",
+        r"lm.layers.\1.experts.E.\3_proj.weight",
+    ),
+    (r"time_embedder\.mlp\.([02])\.(weight|bias)", r"time_embedder.mlp.\1.\2"),
+    (r"(vae2llm|llm2vae)\.(weight|bias)", r"\1.\2"),
+    (r"latent_pos_embed\.pos_embed", r"latent_pos.pos_embed"),
+    (r"vit_pos_embed\.pos_embed", r"vit.pos_table.pos_embed"),
+    (r"connector\.(fc[12])\.(weight|bias)", r"vit.connector_\1.\2"),
+    (_VIT + r"embeddings\.patch_embedding\.(weight|bias)", r"vit.patch_embed.\1"),
+    (_VIT + r"embeddings\.position_embedding\.weight", r"vit.position_embedding.weight"),
+    (_VIT + r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"vit.layers.\1.norm\2.\3"),
+    (
+        _VIT + r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)",
+        r"vit.layers.\1.\2_proj.\3",
+    ),
+    (_VIT + r"encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"vit.layers.\1.\2.\3"),
+    (_VIT + r"post_layernorm\.(weight|bias)", r"vit.post_norm.\1"),
+]
+_COMPILED = [(re.compile(p + "$"), r) for p, r in _RULES]
+_VIT_LAYER = re.compile(_VIT + r"encoder\.layers\.(\d+)\.")
+
+
+def internal_name(published: str) -> str | None:
+    """Our parameter path for a published BAGEL tensor name, or None if it is not one."""
+    for pattern, repl in _COMPILED:
+        m = pattern.match(published)
+        if m:
+            name = m.expand(repl)
+            if ".E." in name:
+                name = name.replace(".E.", ".1." if "_moe_gen" in published else ".0.")
+            return name
+    return None
+
+
+def published_names(cfg: BagelConfig) -> dict[str, str]:
+    """Our parameter path -> published name, for every tensor of a model with this config."""
+    names = [
+        "language_model.model.embed_tokens.weight",
+        "language_model.lm_head.weight",
+        "language_model.model.norm.weight",
+        "language_model.model.norm_moe_gen.weight",
+        "latent_pos_embed.pos_embed",
+        "vit_pos_embed.pos_embed",
+        "vit_model.vision_model.embeddings.position_embedding.weight",
+    ]
+    names += [
+        f"{m}.{p}"
+        for m in (
+            "vae2llm",
+            "llm2vae",
+            "time_embedder.mlp.0",
+            "time_embedder.mlp.2",
+            "connector.fc1",
+            "connector.fc2",
+            "vit_model.vision_model.embeddings.patch_embedding",
+            "vit_model.vision_model.post_layernorm",
+        )
+        for p in ("weight", "bias")
+    ]
+    for i in range(cfg.lm.num_layers):
+        pre = f"language_model.model.layers.{i}."
+        for g in ("", "_moe_gen"):
+            names += [
+                f"{pre}input_layernorm{g}.weight",
+                f"{pre}post_attention_layernorm{g}.weight",
+                f"{pre}self_attn.o_proj{g}.weight",
+            ]
+            names += [f"{pre}self_attn.{x}_proj{g}.{p}" for x in "qkv" for p in ("weight", "bias")]
+            names += [f"{pre}self_attn.{x}_norm{g}.weight" for x in "qk"]
+            names += [f"{pre}mlp{g}.{x}_proj.weight" for x in ("gate", "up", "down")]
+    for i in range(cfg.vit.num_layers):
+        pre = f"vit_model.vision_model.encoder.layers.{i}."
+        mods = ["layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"]
+        mods += [f"self_attn.{x}_proj" for x in ("q", "k", "v", "out")]
+        names += [f"{pre}{m}.{p}" for m in mods for p in ("weight", "bias")]
+    return {internal_name(n): n for n in names}
+
+
+@dataclass
+class CheckpointFiles:
+    root: Path
+    bagel: list[Path]
+    ae: Path
+    llm_config: dict
+    vit_config: dict
+    info: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: missing file {path.name}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_files(root: Path) -> CheckpointFiles:
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist")
+    llm, vit = _read_json(root / "llm_config.json"), _read_json(root / "vit_config.json")
+    bagel = [root / n for n in WEIGHT_FILES if (root / n).is_file()][:1]
+    if not bagel:
+        indexes = sorted(root.glob("*.safetensors.index.json"))
+        if not indexes:
+            raise CheckpointError(
+                f"{root}: missing file ema.safetensors (or ema_bf16.safetensors, or shards with a "
+                "*.safetensors.index.json)"
+            )
+        weight_map = _read_json(indexes[0]).get("weight_map", {})
+        bagel = [root / n for n in sorted(set(weight_map.values()))]
+        for shard in bagel:
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"{root}: missing shard {shard.name} listed in {indexes[0].name}"
+                )
+    ae = root / "ae.safetensors"
+    if not ae.is_file():
+        raise CheckpointError(f"{root}: missing file ae.safetensors")
+    if not (root / "tokenizer.json").is_file():
+        raise CheckpointError(f"{root}: missing file tokenizer.json")
+    info = _read_json(root / INFO_FILE) if (root / INFO_FILE).is_file() else {}
+    return CheckpointFiles(root, bagel, ae, llm, vit, info)
+
+
+def _tensor_headers(path: Path) -> dict[str, tuple[list[int], str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()  # safe_open is not iterable itself
+            return {
+                k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in names
+            }
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def _iter_tensors(path: Path, device: str) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            names = f.keys()  # safe_open is not iterable itself
+            for k in names:
+                yield k, f.get_tensor(k)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def _vae_config(ae: dict[str, tuple[list[int], str]], info: dict) -> VaeConfig:
+    def shape(name: str) -> list[int]:
+        if name not in ae:
+            raise CheckpointError(f"ae.safetensors: missing tensor {name}")
+        return ae[name][0]
+
+    ch = shape("encoder.conv_in.weight")[0]
+    levels = sorted({int(k.split(".")[2]) for k in ae if k.startswith("encoder.down.")})
+    mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels)
+    blocks = len({k.split(".")[4] for k in ae if k.startswith("encoder.down.0.block.")})
+    params = info.get("vae_params", {})
+    return VaeConfig(
+        ch=ch,
+        ch_mult=mult,
+        num_res_blocks=blocks,
+        z_channels=shape("decoder.conv_in.weight")[1],
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_ch=shape("decoder.conv_out.weight")[0],
+        resolution=params.get("resolution", 256),
+        downsample=2 ** (len(mult) - 1),
+        scale_factor=params.get("scale_factor", FLUX_SCALE),
+        shift_factor=params.get("shift_factor", FLUX_SHIFT),
+    )
+
+
+def build_config(files: CheckpointFiles) -> BagelConfig:
+    llm, vit, info = files.llm_config, files.vit_config, files.info
+    headers = {}
+    for shard in files.bagel:
+        headers.update(_tensor_headers(shard))
+    try:
+        lm = LMConfig(
+            hidden_size=llm["hidden_size"],
+            num_layers=llm["num_hidden_layers"],
+            num_heads=llm["num_attention_heads"],
+            num_kv_heads=llm.get("num_key_value_heads", llm["num_attention_heads"]),
+            intermediate_size=llm["intermediate_size"],
+            vocab_size=llm["vocab_size"],
+            rope_theta=float(llm.get("rope_theta", 1_000_000.0)),
+            rms_eps=float(llm.get("rms_norm_eps", 1e-6)),
+            qk_norm=True,  # the published loader forces QK-norm on whatever the JSON says
+        )
+        patch = vit.get("patch_size", 14)
+        vit_cfg = ViTConfig(
+            hidden_size=vit["hidden_size"],
+            num_heads=vit["num_attention_heads"],
+            intermediate_size=vit["intermediate_size"],
+            num_layers=vit["num_hidden_layers"] - 1,  # BAGEL uses the second-to-last layer
+            patch_size=patch,
+            max_patches_per_side=vit.get("image_size", 980) // patch,
+            layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{files.root}: config is missing key {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{files.root}: inconsistent config ({e})") from None
+    latent_rows = headers.get("latent_pos_embed.pos_embed", ([64 * 64],))[0][0]
+    bagel_info = info.get("bagel_config", {})
+    return BagelConfig(
+        lm=lm,
+        vit=vit_cfg,
+        vae=_vae_config(_tensor_headers(files.ae), info),
+        latent_patch_size=bagel_info.get("latent_patch_size", 2),
+        max_latent_size=round(latent_rows**0.5),
+    )
+
+
+def _check_names(what: str, expected: dict[str, torch.Size], found: dict[str, list[int]]) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [
+        f"{k} {list(found[k])} (expected {list(expected[k])})"
+        for k in expected
+        if k in found and list(found[k]) != list(expected[k])
+    ]
+    problems = []
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ):
+        if items:
+            more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
+            problems.append(f"{len(items)} {label}: " + ", ".join(items[:SHOW]) + more)
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def _published_to_internal(
+    headers: dict[str, tuple[list[int], str]], cfg: BagelConfig
+) -> tuple[dict[str, str], list[str]]:
+    """Map published names; the ViT layers past the used count are dropped, unknowns returned."""
+    mapping, unknown = {}, []
+    for name in headers:
+        m = _VIT_LAYER.match(name)
+        if m and int(m.group(1)) >= cfg.vit.num_layers:
+            continue
+        internal = internal_name(name)
+        if internal is None:
+            unknown.append(name)
+        else:
+            mapping[name] = internal
+    return mapping, unknown
+
+
+def _patch_embed_as_linear(t: torch.Tensor) -> torch.Tensor:
+    """A Conv2d patch embedding `[o, c, p, p]` as the Linear over (row, col, channel) patches."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1) if t.dim() == 4 else t
+
+
+def load(
+    root: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a BAGEL-layout folder. dtype defaults to bf16 on CUDA and float32 elsewhere."""
+    from irg_engine.tokenizer import Tokenizer
+
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    files = find_files(Path(root))
+    cfg = build_config(files)
+    with torch.device("meta"):
+        bagel, vae = Bagel(cfg), AutoEncoder(cfg.vae)
+
+    headers: dict[str, tuple[list[int], str]] = {}
+    for shard in files.bagel:
+        headers.update(_tensor_headers(shard))
+    mapping, unknown = _published_to_internal(headers, cfg)
+    expected = {k: v.shape for k, v in bagel.state_dict().items()}
+    found = {mapping[k]: _patch_shape(k, headers[k][0]) for k in mapping}
+    found.update({k: headers[k][0] for k in unknown})
+    _check_names(", ".join(p.name for p in files.bagel), expected, found)
+    ae_headers = _tensor_headers(files.ae)
+    _check_names(
+        files.ae.name,
+        {k: v.shape for k, v in vae.state_dict().items()},
+        {k: s for k, (s, _) in ae_headers.items()},
+    )
+
+    state = {}
+    for shard in files.bagel:
+        for name, tensor in _iter_tensors(shard, "cpu"):
+            if name in mapping:
+                tensor = (
+                    _patch_embed_as_linear(tensor) if "patch_embedding.weight" in name else tensor
+                )
+                state[mapping[name]] = tensor.to(device=device, dtype=dtype)
+    bagel.load_state_dict(state, assign=True, strict=True)
+    del state
+    vae_state = {n: t.to(device=device, dtype=vae_dtype) for n, t in _iter_tensors(files.ae, "cpu")}
+    vae.load_state_dict(vae_state, assign=True, strict=True)
+    bagel.eval()
+    vae.eval()
+    random = bool(files.info.get("random_weights"))
+    name = files.info.get("name") or files.root.name
+    tokenizer = Tokenizer.from_dir(files.root)
+    if tokenizer.vocab_size > cfg.lm.vocab_size:
+        raise CheckpointError(
+            f"{files.root}: tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{cfg.lm.vocab_size} embeddings"
+        )
+    return LoadedModel(bagel, vae, tokenizer, name=name, random_weights=random)
+
+
+def _patch_shape(name: str, shape: list[int]) -> list[int]:
+    if "patch_embedding.weight" in name and len(shape) == 4:
+        return [shape[0], shape[1] * shape[2] * shape[3]]
+    return shape
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def inspect(root: str | Path) -> str:
+    """A human-readable summary of a checkpoint folder (files, tensors, parameters, config)."""
+    files = find_files(Path(root))
+    cfg = build_config(files)
+    lines = [f"checkpoint {files.root}"]
+    for p in sorted(files.root.iterdir()):
+        if p.is_file():
+            lines.append(f"  {p.name:32s} {_human(p.stat().st_size):>10s}")
+    for path in [*files.bagel, files.ae]:
+        headers = _tensor_headers(path)
+        groups: dict[str, int] = {}
+        dtypes: dict[str, int] = {}
+        for name, (shape, dt) in headers.items():
+            count = 1
+            for s in shape:
+                count *= s
+            top = name.split(".")[0]
+            groups[top] = groups.get(top, 0) + count
+            dtypes[dt] = dtypes.get(dt, 0) + 1
+        total = sum(groups.values())
+        lines.append(f"{path.name}: {len(headers)} tensors, {total:,} parameters, dtypes {dtypes}")
+        for top, count in sorted(groups.items()):
+            lines.append(f"  {top:24s} {count:>15,}")
+    lm, vit, vae = cfg.lm, cfg.vit, cfg.vae
+    lines += [
+        f"language model: hidden {lm.hidden_size}, {lm.num_layers} layers, {lm.num_heads} heads / "
+        f"{lm.num_kv_heads} kv heads of {lm.head_dim}, mlp {lm.intermediate_size}, "
+        f"vocab {lm.vocab_size}, rope theta {lm.rope_theta:g}, qk-norm on, 2 experts",
+        f"vision: hidden {vit.hidden_size}, {vit.num_layers} layers used, {vit.num_heads} heads, "
+        f"patch {vit.patch_size}, {vit.max_patches_per_side}x{vit.max_patches_per_side} positions",
+        f"autoencoder: ch {vae.ch}, ch_mult {list(vae.ch_mult)}, {vae.num_res_blocks} res blocks, "
+        f"z {vae.z_channels}, downsample {vae.downsample}",
+        f"latent grid {cfg.max_latent_size}x{cfg.max_latent_size}, patch {cfg.latent_patch_size}",
+    ]
+    if files.info.get("random_weights"):
+        lines.append("note: RANDOM weights (a tiny test model, not a trained checkpoint)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m irg_engine.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("inspect", help="print what a checkpoint folder holds").add_argument("dir")
+    args = parser.parse_args(argv)
+    try:
+        print(inspect(args.dir))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

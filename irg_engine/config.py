@@ -1,0 +1,78 @@
+"""Model settings as dataclasses: the language model, the vision encoder and the BAGEL glue.
+
+`checkpoint.py` fills these from a checkpoint folder's JSON files (applying the overrides the
+published code applies); `tiny.py` writes small ones; the model modules only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from irg_engine.model.vae import VaeConfig
+
+
+@dataclass(slots=True)
+class LMConfig:
+    """Qwen2 Mixture-of-Transformers decoder (two experts of identical shape)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float = 1_000_000.0
+    rms_eps: float = 1e-6
+    qk_norm: bool = True
+    qkv_bias: bool = True
+    head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} not a multiple of {self.num_kv_heads}")
+        if min(self.hidden_size, self.num_layers, self.intermediate_size, self.vocab_size) <= 0:
+            raise ValueError("LMConfig sizes must be positive")
+
+
+@dataclass(slots=True)
+class ViTConfig:
+    """SigLIP NaViT encoder; `num_layers` is the number that runs (the JSON lists one more)."""
+
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    num_layers: int
+    patch_size: int = 14
+    max_patches_per_side: int = 70
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"ViT hidden_size {self.hidden_size} not divisible by num_heads")
+        if self.num_layers <= 0:
+            raise ValueError("ViT needs at least one layer")
+
+
+@dataclass(slots=True)
+class BagelConfig:
+    """Everything needed to build the model; values the published code hard-codes have defaults."""
+
+    lm: LMConfig
+    vit: ViTConfig
+    vae: VaeConfig
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    timestep_features: int = 256
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def latent_token_dim(self) -> int:
+        return self.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def pixels_per_latent_token(self) -> int:
+        return self.latent_patch_size * self.vae.downsample

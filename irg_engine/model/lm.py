@@ -1,0 +1,180 @@
+"""The Qwen2 Mixture-of-Transformers decoder: two experts per layer, one joint attention.
+
+Data flow of one forward: input rows `x [n, hidden]` (already embedded by `bagel.py`), their RoPE
+positions, and an `ExpertRoutes` saying which rows belong to the understanding expert (text,
+markers, ViT tokens) and which to the generation expert (VAE latents). Each layer projects every
+row with its own expert's weights, applies QK-norm and RoPE, lets the `AttentionPlan` attend (and
+write KV), then runs its expert's output projection and MLP. The final norm is also per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irg_engine.attention import AttentionPlan
+from irg_engine.config import LMConfig
+
+UND, GEN = 0, 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the compute dtype, as the published model does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[n, head_dim]` for rotate-half RoPE; angles are float32 as in the reference."""
+    inv_freq = 1.0 / (
+        theta
+        ** (
+            torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+            / head_dim
+        )
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+@dataclass(slots=True)
+class ExpertRoutes:
+    """Row indices per expert; `None` for an expert means it owns every row (the fast path)."""
+
+    und: torch.Tensor | None
+    gen: torch.Tensor | None
+    everything: int | None = None  # expert index when one expert owns all rows
+
+    @staticmethod
+    def from_mask(gen_mask: torch.Tensor) -> ExpertRoutes:
+        n_gen = int(gen_mask.sum())
+        if n_gen == 0:
+            return ExpertRoutes(None, None, UND)
+        if n_gen == gen_mask.numel():
+            return ExpertRoutes(None, None, GEN)
+        return ExpertRoutes(torch.nonzero(~gen_mask).squeeze(1), torch.nonzero(gen_mask).squeeze(1))
+
+    def groups(self) -> list[tuple[int, torch.Tensor | None]]:
+        if self.everything is not None:
+            return [(self.everything, None)]
+        return [(UND, self.und), (GEN, self.gen)]
+
+
+def gather(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x.index_select(0, rows)
+
+
+def scatter(out: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    if rows is None:
+        return value
+    out.index_copy_(0, rows, value)
+    return out
+
+
+class Expert(nn.Module):
+    """One expert's weights for one layer: attention projections, QK-norms, MLP, two norms."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.input_norm = RMSNorm(h, cfg.rms_eps)
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, cfg.rms_eps) if cfg.qk_norm else nn.Identity()
+        self.post_norm = RMSNorm(h, cfg.rms_eps)
+        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def qkv(self, x: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, ...]:
+        h = self.input_norm(x)
+        q = self.q_norm(self.q_proj(h).unflatten(-1, (heads, -1)))
+        k = self.k_norm(self.k_proj(h).unflatten(-1, (kv_heads, -1)))
+        v = self.v_proj(h).unflatten(-1, (kv_heads, -1))
+        return q, k, v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + self.o_proj(attn)
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleList([Expert(cfg), Expert(cfg)])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        routes: ExpertRoutes,
+        plan: AttentionPlan,
+        index: int,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        n = x.shape[0]
+        q = x.new_empty(n, cfg.num_heads, cfg.head_dim)
+        k = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
+        v = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
+        for e, rows in routes.groups():
+            qe, ke, ve = self.experts[e].qkv(gather(x, rows), cfg.num_heads, cfg.num_kv_heads)
+            q, k, v = scatter(q, rows, qe), scatter(k, rows, ke), scatter(v, rows, ve)
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
+        attn = plan.attend(index, q, k, v).flatten(1)
+        out = torch.empty_like(x)
+        for e, rows in routes.groups():
+            out = scatter(out, rows, self.experts[e].finish(gather(x, rows), gather(attn, rows)))
+        return out
+
+
+class LanguageModel(nn.Module):
+    """Embedding, decoder layers, per-expert final norms and the (untied) lm_head."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norms = nn.ModuleList([RMSNorm(cfg.hidden_size, cfg.rms_eps) for _ in range(2)])
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        routes: ExpertRoutes,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
+        """Hidden states after the final (per-expert) norm, one row per input row."""
+        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, routes, plan, i)
+        out = torch.empty_like(x)
+        for e, rows in routes.groups():
+            out = scatter(out, rows, self.norms[e](gather(x, rows)))
+        return out

@@ -1,0 +1,169 @@
+"""Golden-case runner: compares our numbers with reference data from the published model.
+
+`python -m irg_engine.parity CASE_DIR [CASE_DIR ...]` loads each case (`case.json` +
+`expected.safetensors`, its checkpoint named by the `checkpoint` field), runs the case kind named
+by its `case` field (see `parity_cases.py`), and prints one line per case with its worst relative
+L2 error, then `N passed, M failed`; the exit code is non-zero if any case failed.
+
+A case passes when every float tensor checked is within `--tolerance` relative L2 (default 1e-4,
+the golden README's suggestion), every id, position and flag is equal, and uint8 images differ by
+at most one level on at most 0.1% of values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+from irg_engine import checkpoint
+from irg_engine.model.bagel import LoadedModel
+
+DEFAULT_TOLERANCE = 1e-4
+PIXEL_FRACTION = 1e-3
+
+
+def rel_l2(ours: torch.Tensor, golden: torch.Tensor) -> float:
+    ours, golden = ours.detach().double().cpu(), golden.double()
+    denom = golden.norm()
+    return float((ours - golden).norm() / denom) if denom > 0 else float(ours.norm())
+
+
+@dataclass
+class Checks:
+    """Accumulates the comparisons of one case."""
+
+    tolerance: float = DEFAULT_TOLERANCE
+    worst: tuple[float, str] = (0.0, "")
+    failures: list[str] = field(default_factory=list)
+    count: int = 0
+
+    def close(self, name: str, ours: torch.Tensor, golden: np.ndarray) -> None:
+        self.count += 1
+        g = torch.from_numpy(np.asarray(golden))
+        if tuple(ours.shape) != tuple(g.shape):
+            self.failures.append(f"{name}: shape {tuple(ours.shape)} != {tuple(g.shape)}")
+            return
+        err = rel_l2(ours, g)
+        if err > self.worst[0] or not self.worst[1]:
+            self.worst = (err, name)
+        if not err <= self.tolerance:
+            self.failures.append(f"{name}: rel L2 {err:.2e} > {self.tolerance:.0e}")
+
+    def equal(self, name: str, ours, golden) -> None:
+        self.count += 1
+        a = np.asarray(ours.cpu() if isinstance(ours, torch.Tensor) else ours)
+        b = np.asarray(golden)
+        if a.shape != b.shape or not np.array_equal(a, b):
+            self.failures.append(f"{name}: {_short(a)} != {_short(b)}")
+
+    def pixels(self, name: str, ours: np.ndarray, golden: np.ndarray) -> None:
+        self.count += 1
+        if ours.shape != golden.shape:
+            self.failures.append(f"{name}: shape {ours.shape} != {golden.shape}")
+            return
+        diff = np.abs(ours.astype(np.int16) - golden.astype(np.int16))
+        off = int((diff > 0).sum())
+        if diff.max(initial=0) > 1 or off > PIXEL_FRACTION * diff.size:
+            self.failures.append(f"{name}: {off} of {diff.size} values differ, max {diff.max()}")
+
+
+def _short(a: np.ndarray) -> str:
+    flat = a.reshape(-1)
+    text = np.array2string(flat[:8], separator=",")
+    return f"{text[:-1]}, ...] (shape {a.shape})" if flat.size > 8 else f"{text} (shape {a.shape})"
+
+
+@dataclass
+class Case:
+    root: Path
+    spec: dict
+    expected: dict[str, np.ndarray]
+
+    @property
+    def kind(self) -> str:
+        return self.spec["case"]
+
+    @staticmethod
+    def load(root: Path) -> Case:
+        spec = json.loads((root / "case.json").read_text())
+        return Case(root, spec, load_file(str(root / "expected.safetensors")))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.expected[name].copy())
+
+
+class ModelCache:
+    def __init__(self) -> None:
+        self._models: dict[Path, LoadedModel] = {}
+
+    def get(self, case: Case) -> LoadedModel:
+        path = (case.root / case.spec["checkpoint"]).resolve()
+        if path not in self._models:
+            self._models[path] = checkpoint.load(path, dtype=torch.float32)
+        return self._models[path]
+
+
+def run_case(case: Case, model: LoadedModel, tolerance: float, engine: bool = False) -> Checks:
+    from irg_engine.parity_cases import CASES
+
+    checks = Checks(tolerance)
+    runner = CASES.get(case.kind)
+    if runner is None:
+        checks.failures.append(f"unknown case kind {case.kind!r}")
+        return checks
+    with torch.no_grad():
+        runner(case, model, checks, engine)
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m irg_engine.parity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("cases", nargs="+", type=Path, help="golden case folders")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="run the cases through the batched engine, all submitted at once",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="list every failure")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    models = ModelCache()
+    passed = failed = 0
+    for root in args.cases:
+        start = time.perf_counter()
+        try:
+            case = Case.load(root)
+            checks = run_case(case, models.get(case), args.tolerance, args.engine)
+            label = case.kind
+        except (OSError, KeyError, ValueError, checkpoint.CheckpointError) as e:
+            checks, label = Checks(args.tolerance), root.name
+            checks.failures.append(f"could not run: {e}")
+        ok = not checks.failures and checks.count > 0
+        passed += ok
+        failed += not ok
+        err, where = checks.worst
+        print(
+            f"{'PASS' if ok else 'FAIL'} {label:6s} worst rel L2 {err:.2e} ({where}), "
+            f"{checks.count} checks, {time.perf_counter() - start:.1f}s"
+        )
+        for failure in checks.failures if args.verbose else checks.failures[:3]:
+            print(f"     {failure}")
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

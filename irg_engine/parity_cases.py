@@ -1,0 +1,345 @@
+"""What each golden case kind runs and compares (see `parity.py` for the runner and tolerances).
+
+Each function takes the case, the loaded model and a `Checks` accumulator. Full pipelines run
+through the reference recipes with a `GoldenObserver` that feeds the stored noise (and, for IRG
+turn 2, optionally the stored image-1 pixels) and records every intermediate the data stores.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from irg_engine import images
+from irg_engine.model.bagel import LoadedModel
+from irg_engine.parity import Case, Checks
+from irg_engine.recipes import RecipeParams, run
+from irg_engine.recipes.context import (
+    Context,
+    decode_text,
+    encode_latent,
+    prefill_text,
+    prefill_vae_block,
+    prefill_vit_block,
+    vit_inputs,
+)
+from irg_engine.recipes.denoise import StepTrace
+from irg_engine.recipes.params import (
+    FIRST_IMAGE,
+    REFINE_IMAGE,
+    ImageOut,
+    Observer,
+    TextOut,
+)
+
+
+def _check_kv(checks: Checks, case: Case, prefix: str, ctx: Context) -> None:
+    for layer in range(len(ctx.keys)):
+        checks.close(
+            f"{prefix}.layer{layer}.key",
+            ctx.keys[layer],
+            case.expected[f"{prefix}.layer{layer}.key"],
+        )
+        checks.close(
+            f"{prefix}.layer{layer}.value",
+            ctx.values[layer],
+            case.expected[f"{prefix}.layer{layer}.value"],
+        )
+
+
+def text_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+    tok, inputs, e = model.tokenizer, case.spec["inputs"], case.expected
+    ctx = Context()
+    for name in ("system", "user"):
+        ids = tok.segment(inputs[f"{name}_prompt"])
+        checks.equal(f"{name}.ids", ids, e[f"{name}.ids"])
+        checks.equal(
+            f"{name}.position_ids",
+            np.arange(ctx.rope, ctx.rope + len(ids)),
+            e[f"{name}.position_ids"],
+        )
+        prefill_text(model, ctx, ids)
+    _check_kv(checks, case, "kv_after_prompts", ctx)
+    steps: list[tuple[int, torch.Tensor]] = []
+    ids = decode_text(
+        model,
+        ctx,
+        case.spec["settings"]["max_length"],
+        on_token=lambda t, pos, logits: steps.append((pos, logits)),
+    )
+    checks.equal("decode.ids", ids, e["decode.ids"])
+    checks.equal("decode.position_ids", [p for p, _ in steps], e["decode.position_ids"])
+    checks.close("decode.logits", torch.stack([lg for _, lg in steps]), e["decode.logits"])
+
+
+def vit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+    e = case.expected
+    image = Image.fromarray(e["image_uint8"])
+    checks.equal(
+        "vit_input_resized_uint8",
+        np.asarray(images.VIT_RULE.resize(image)),
+        e["vit_input_resized_uint8"],
+    )
+    patches, ids = vit_inputs(model, image)
+    checks.equal("vit_position_ids", ids, e["vit_position_ids"])
+    encoded = model.bagel.vit.encode(patches, ids)
+    checks.close("vit_encoder_output", encoded, e["vit_encoder_output"])
+    checks.close("connector_output", model.bagel.vit.connect(encoded), e["connector_output"])
+    feats = model.bagel.embed_vit(patches, ids)
+    checks.close("vit_features", feats, e["vit_features"])
+    tok = model.tokenizer
+    markers = model.bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end]))
+    checks.close(
+        "llm_block_input", torch.cat([markers[:1], feats, markers[1:]]), e["llm_block_input"]
+    )
+    ctx = Context()
+    prefill_vit_block(model, ctx, image)
+    checks.equal("llm_position_ids", np.zeros(ctx.length, dtype=np.int64), e["llm_position_ids"])
+    _check_kv(checks, case, "kv_after_vit_block", ctx)
+
+
+def vae_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+    e = case.expected
+    x = images.pil_to_tensor(Image.fromarray(e["image_uint8"]))[None]
+    checks.close("encoder_moments", model.vae.encode_moments(x), e["encoder_moments"])
+    latent = model.vae.encode(x)
+    checks.close("latent", latent, e["latent"])
+    decoded = model.vae.decode(latent)
+    checks.close("decoded", decoded, e["decoded"])
+    checks.pixels("decoded_uint8", images.tensor_to_uint8(decoded), e["decoded_uint8"])
+    p = model.cfg.latent_patch_size
+    tokens = images.patchify_latent(latent, p)
+    checks.close("latent_tokens", tokens, e["latent_tokens"])
+    h, w = latent.shape[-2] // p, latent.shape[-1] // p
+    pos = images.latent_position_ids(h, w, model.cfg.max_latent_size)
+    checks.equal("vae_block.latent_position_ids", pos, e["vae_block.latent_position_ids"])
+    rows = model.bagel.embed_latents(tokens, torch.zeros(h * w), pos)
+    tok = model.tokenizer
+    markers = model.bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end]))
+    checks.close(
+        "vae_block.llm_input", torch.cat([markers[:1], rows, markers[1:]]), e["vae_block.llm_input"]
+    )
+    ctx = Context()
+    prefill_vae_block(model, ctx, latent)
+    checks.equal(
+        "vae_block.position_ids", np.zeros(ctx.length, dtype=np.int64), e["vae_block.position_ids"]
+    )
+    _check_kv(checks, case, "vae_block.kv", ctx)
+
+
+class GoldenObserver(Observer):
+    """Feeds stored noise (and optionally stored pixels) and records what the data stores."""
+
+    def __init__(self, noises: dict[int, torch.Tensor], pixels: dict[int, np.ndarray]) -> None:
+        self.noises, self.stored_pixels = noises, pixels
+        self.steps: dict[int, list[StepTrace]] = defaultdict(list)
+        self.tokens: dict[int, torch.Tensor] = {}
+        self.decoded: dict[int, torch.Tensor] = {}
+        self.images: dict[int, ImageOut] = {}
+        self.thinks: dict[int, tuple[TextOut, list[int]]] = {}
+        self.decode_steps: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        self.segments: list[tuple[str, list[int], int]] = []
+
+    def text_token(self, stage, round, token, position, logits) -> None:
+        self.decode_steps[round].append((position, logits))
+
+    def text_segment(self, context: str, ids: list[int], start: int) -> None:
+        self.segments.append((context, ids, start))
+
+    def text_done(self, out: TextOut, generated: list[int]) -> None:
+        self.thinks[out.round] = (out, generated)
+
+    def image_step(self, round: int, trace: StepTrace, total: int) -> None:
+        self.steps[round].append(trace)
+
+    def image_done(self, round, tokens, decoded, out) -> None:
+        self.tokens[round], self.decoded[round], self.images[round] = tokens, decoded, out
+
+    def feedback_pixels(self, round: int, pixels: np.ndarray) -> np.ndarray:
+        return self.stored_pixels.get(round, pixels)
+
+    def noise(self, round: int, default: torch.Tensor) -> torch.Tensor:
+        return self.noises[round]
+
+
+def _zeros_if_none(v: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if v is None else v
+
+
+def _check_steps(
+    checks: Checks, e: dict, prefix: str, steps: list[StepTrace], kinds, label: str = ""
+) -> None:
+    checks.equal(
+        f"{label}{prefix}.t", np.array([s.t for s in steps], dtype=np.float32), e[f"{prefix}.t"]
+    )
+    flags = {
+        "text_cfg_active": [int(s.v_text_free is not None) for s in steps],
+        "img_cfg_active": [int(s.v_img_free is not None) for s in steps],
+    }
+    for name, values in flags.items():
+        if f"{prefix}.{name}" in e:
+            checks.equal(f"{label}{prefix}.{name}", values, e[f"{prefix}.{name}"])
+    for kind in kinds:
+        ours = torch.stack([_zeros_if_none(getattr(s, kind), s.v_cond) for s in steps])
+        checks.close(f"{label}{prefix}.{kind}", ours, e[f"{prefix}.{kind}"])
+
+
+def _settings(spec: dict, prefix: dict | None = None) -> dict:
+    s = prefix or spec
+    return dict(
+        cfg_text_scale=s["cfg_text_scale"],
+        cfg_img_scale=s["cfg_img_scale"],
+        cfg_interval=tuple(s["cfg_interval"]),
+        cfg_renorm_type=s["cfg_renorm_type"],
+        cfg_renorm_min=s["cfg_renorm_min"],
+    )
+
+
+def t2i_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+    e, spec, s = case.expected, case.spec, case.spec["settings"]
+    h, w = spec["inputs"]["image_hw"]
+    params = RecipeParams(
+        spec["inputs"]["prompt"],
+        recipe="t2i",
+        width=w,
+        height=h,
+        num_timesteps=s["num_timesteps"],
+        timestep_shift=s["timestep_shift"],
+        **_settings(s),
+    )
+    obs = GoldenObserver({1: case.tensor("noise")}, {})
+    run(model, params, obs)
+    checks.equal("prompt_ids", obs.segments[0][1], e["prompt_ids"])
+    _check_steps(checks, e, "steps", obs.steps[1], ("x_t", "v_cond", "v_text_free", "v"))
+    checks.close("final_latent_tokens", obs.tokens[1], e["final_latent_tokens"])
+    checks.close(
+        "final_latent", images.unpatchify_latent(obs.tokens[1], h // 16, w // 16), e["final_latent"]
+    )
+    checks.close("decoded", obs.decoded[1], e["decoded"])
+    checks.pixels("image_out_uint8", obs.images[1].pixels, e["image_out_uint8"])
+
+
+def edit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+    e, spec, s = case.expected, case.spec, case.spec["settings"]
+    image = Image.fromarray(e["image_uint8"])
+    params = RecipeParams(
+        spec["inputs"]["instruction"],
+        recipe="edit",
+        image=image,
+        num_timesteps=s["num_timesteps"],
+        timestep_shift=s["timestep_shift"],
+        **_settings(s),
+    )
+    checks.close("vae_context_latent", encode_latent(model, image), e["vae_context_latent"])
+    obs = GoldenObserver({1: case.tensor("noise")}, {})
+    run(model, params, obs)
+    checks.equal("prompt_ids", obs.segments[0][1], e["prompt_ids"])
+    steps = obs.steps[1]
+    checks.equal("steps.t", np.array([st.t for st in steps], dtype=np.float32), e["steps.t"])
+    for kind in ("x_t", "v_cond", "v_text_free", "v_img_free", "v"):
+        checks.close(f"step0.{kind}", getattr(steps[0], kind), e[f"step0.{kind}"])
+    checks.close("steps.v_norm", torch.stack([st.v.norm() for st in steps]), e["steps.v_norm"])
+    checks.close(
+        "steps.x_t_norm", torch.stack([st.x_t.norm() for st in steps]), e["steps.x_t_norm"]
+    )
+    checks.close("final_latent_tokens", obs.tokens[1], e["final_latent_tokens"])
+    checks.pixels("image_out_uint8", obs.images[1].pixels, e["image_out_uint8"])
+
+
+def irg_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+    e, spec, s = case.expected, case.spec, case.spec["settings"]
+    h, w = spec["inputs"]["resolution"]
+    stored_image1 = e["image1.uint8"]
+    image1_ctx = Image.fromarray(stored_image1)
+    checks.close(
+        "image1_context.vae_latent",
+        encode_latent(model, image1_ctx),
+        e["image1_context.vae_latent"],
+    )
+    patches, vit_ids = vit_inputs(model, image1_ctx)
+    checks.equal("image1_context.vit_position_ids", vit_ids, e["image1_context.vit_position_ids"])
+    checks.close(
+        "image1_context.vit_features",
+        model.bagel.embed_vit(patches, vit_ids),
+        e["image1_context.vit_features"],
+    )
+    noises = {1: case.tensor("image1.noise"), 2: case.tensor("image2.noise")}
+    # The IRG recipe applies its first-image and refine-image defaults per turn; the case must
+    # use exactly those, since one set of request parameters cannot express two.
+    for turn, defaults in (("turn1", FIRST_IMAGE), ("turn2", REFINE_IMAGE)):
+        t = s[turn]
+        if (
+            (t["cfg_img_scale"], tuple(t["cfg_interval"]), t["cfg_renorm_type"])
+            != (defaults["img_scale"], defaults["interval"], defaults["renorm"])
+            or t["cfg_text_scale"] != s["turn1"]["cfg_text_scale"]
+            or t["cfg_renorm_min"] != 0
+        ):
+            checks.failures.append(f"{turn} settings differ from the recipe defaults: {t}")
+            return
+    params = RecipeParams(
+        spec["inputs"]["prompt"],
+        recipe="irg",
+        width=w,
+        height=h,
+        num_timesteps=s["num_timesteps"],
+        timestep_shift=s["timestep_shift"],
+        max_think_tokens=s["max_length"],
+        temperature=0.0,
+        cfg_text_scale=s["turn1"]["cfg_text_scale"],
+    )
+    for label, pixels in (("", {1: stored_image1}), ("own_image1:", {})):
+        obs = GoldenObserver(noises, pixels)
+        run(model, params, obs)
+        _check_irg_run(checks, e, obs, label)
+
+
+def _check_irg_run(checks: Checks, e: dict, obs: GoldenObserver, label: str) -> None:
+    for r in (1, 2):
+        _, generated = obs.thinks[r]
+        checks.equal(f"{label}think{r}.generated_ids", generated, e[f"think{r}.generated_ids"])
+        steps = obs.decode_steps[r]
+        checks.equal(
+            f"{label}think{r}.position_ids", [p for p, _ in steps], e[f"think{r}.position_ids"]
+        )
+        checks.close(
+            f"{label}think{r}.logits", torch.stack([lg for _, lg in steps]), e[f"think{r}.logits"]
+        )
+        kinds = ("x_t", "v_cond", "v_text_free", "v") + (("v_img_free",) if r == 2 else ())
+        _check_steps(checks, e, f"image{r}.steps", obs.steps[r], kinds, label)
+        checks.close(
+            f"{label}image{r}.final_latent_tokens",
+            obs.tokens[r],
+            e[f"image{r}.final_latent_tokens"],
+        )
+        checks.close(f"{label}image{r}.decoded", obs.decoded[r], e[f"image{r}.decoded"])
+        checks.pixels(f"{label}image{r}.uint8", obs.images[r].pixels, e[f"image{r}.uint8"])
+    names = {
+        "main": ["system", "prompt", "think1", "think2"],
+        "image_free": ["system", "prompt", "think1", "think2"],
+    }
+    for context, segment_names in names.items():
+        segs = [(ids, start) for ctx, ids, start in obs.segments if ctx == context]
+        if context == "image_free":  # it shares the system + prompt prefix with main
+            main = [(ids, start) for ctx, ids, start in obs.segments if ctx == "main"]
+            segs = main[:2] + segs
+        prefix = "main" if context == "main" else "cfgimg"
+        for name, (ids, start) in zip(segment_names, segs, strict=True):
+            checks.equal(f"{label}{prefix}.{name}.ids", ids, e[f"{prefix}.{name}.ids"])
+            checks.equal(
+                f"{label}{prefix}.{name}.position_ids",
+                np.arange(start, start + len(ids)),
+                e[f"{prefix}.{name}.position_ids"],
+            )
+
+
+CASES = {
+    "text": text_case,
+    "vit": vit_case,
+    "vae": vae_case,
+    "t2i": t2i_case,
+    "edit": edit_case,
+    "irg": irg_case,
+}
