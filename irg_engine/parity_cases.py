@@ -19,14 +19,13 @@ from irg_engine.parity import Case, Checks
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.recipes.context import (
     Context,
-    decode_text,
     encode_latent,
     prefill_text,
     prefill_vae_block,
     prefill_vit_block,
-    vit_inputs,
 )
 from irg_engine.recipes.denoise import StepTrace
+from irg_engine.recipes.dense import DenseContexts, drive
 from irg_engine.recipes.params import (
     FIRST_IMAGE,
     REFINE_IMAGE,
@@ -34,6 +33,7 @@ from irg_engine.recipes.params import (
     Observer,
     TextOut,
 )
+from irg_engine.recipes.stages import decode, vit_inputs
 
 
 def _check_kv(checks: Checks, case: Case, prefix: str, ctx: Context) -> None:
@@ -64,12 +64,16 @@ def text_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> N
         prefill_text(model, ctx, ids)
     _check_kv(checks, case, "kv_after_prompts", ctx)
     steps: list[tuple[int, torch.Tensor]] = []
-    ids = decode_text(
-        model,
+    program = decode(
+        DenseContexts(),
         ctx,
+        tok,
         case.spec["settings"]["max_length"],
+        0.0,
+        torch.Generator(),
         on_token=lambda t, pos, logits: steps.append((pos, logits)),
     )
+    ids, _ = drive(model, program)
     checks.equal("decode.ids", ids, e["decode.ids"])
     checks.equal("decode.position_ids", [p for p, _ in steps], e["decode.position_ids"])
     checks.close("decode.logits", torch.stack([lg for _, lg in steps]), e["decode.logits"])
@@ -83,7 +87,7 @@ def vit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
         np.asarray(images.VIT_RULE.resize(image)),
         e["vit_input_resized_uint8"],
     )
-    patches, ids = vit_inputs(model, image)
+    patches, ids = vit_inputs(model.cfg.vit, image)
     checks.equal("vit_position_ids", ids, e["vit_position_ids"])
     encoded = model.bagel.vit.encode(patches, ids)
     checks.close("vit_encoder_output", encoded, e["vit_encoder_output"])
@@ -96,7 +100,7 @@ def vit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
         "llm_block_input", torch.cat([markers[:1], feats, markers[1:]]), e["llm_block_input"]
     )
     ctx = Context()
-    prefill_vit_block(model, ctx, image)
+    prefill_vit_block(model, ctx, patches, ids)
     checks.equal("llm_position_ids", np.zeros(ctx.length, dtype=np.int64), e["llm_position_ids"])
     _check_kv(checks, case, "kv_after_vit_block", ctx)
 
@@ -259,7 +263,7 @@ def irg_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
         encode_latent(model, image1_ctx),
         e["image1_context.vae_latent"],
     )
-    patches, vit_ids = vit_inputs(model, image1_ctx)
+    patches, vit_ids = vit_inputs(model.cfg.vit, image1_ctx)
     checks.equal("image1_context.vit_position_ids", vit_ids, e["image1_context.vit_position_ids"])
     checks.close(
         "image1_context.vit_features",
@@ -322,9 +326,9 @@ def _check_irg_run(checks: Checks, e: dict, obs: GoldenObserver, label: str) -> 
     }
     for context, segment_names in names.items():
         segs = [(ids, start) for ctx, ids, start in obs.segments if ctx == context]
-        if context == "image_free":  # it shares the system + prompt prefix with main
+        if context == "image_free":  # it forks main after think 1, sharing three segments
             main = [(ids, start) for ctx, ids, start in obs.segments if ctx == "main"]
-            segs = main[:2] + segs
+            segs = main[:3] + segs
         prefix = "main" if context == "main" else "cfgimg"
         for name, (ids, start) in zip(segment_names, segs, strict=True):
             checks.equal(f"{label}{prefix}.{name}.ids", ids, e[f"{prefix}.{name}.ids"])

@@ -1,10 +1,10 @@
-"""The sequential reference's contexts and the model calls every recipe is made of.
+"""The sequential reference's contexts and model calls (what `dense.py` executes work with).
 
 A `Context` is one token sequence as the published code keeps it: a dense per-layer KV cache plus
-the next RoPE position. Recipes fork contexts where the reference deep-copies them (guidance
-contexts, decoding on a copy). The functions here are the only places that build model inputs:
-text segments, VAE and ViT image blocks, one decode step, one velocity prediction. Each runs one
-model forward through a `DensePlan` (a single segment after one context).
+the next RoPE position. Forks share the cached tensors (appends build new ones), as the
+reference's deep copies would. The functions here build the model inputs of each kind of work:
+text tokens, VAE and ViT image blocks, one velocity prediction. Each runs one model forward
+through a `DensePlan` (a single segment after one context).
 """
 
 from __future__ import annotations
@@ -85,14 +85,16 @@ def _ids(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def prefill_text(model: LoadedModel, ctx: Context, ids: list[int]) -> torch.Tensor:
-    """Append a text segment (already wrapped); returns its hidden states."""
+def prefill_text(
+    model: LoadedModel, ctx: Context, ids: list[int], report: bool = True
+) -> torch.Tensor:
+    """Append text tokens (a wrapped segment, or a decode step); returns their hidden states."""
     dev = model.bagel.device
     positions = torch.arange(ctx.rope, ctx.rope + len(ids), device=dev)
     x = model.bagel.embed_text(_ids(ids, dev))
     mask = torch.zeros(len(ids), dtype=torch.bool, device=dev)
     hidden = _run(model, ctx, x, positions, mask, causal=True, write=True)
-    if ctx.on_segment is not None:
+    if report and ctx.on_segment is not None:
         ctx.on_segment(ctx.name, list(ids), ctx.rope)
     ctx.rope += len(ids)
     return hidden
@@ -126,20 +128,10 @@ def prefill_vae_block(model: LoadedModel, ctx: Context, latent: torch.Tensor) ->
     ctx.rope += 1
 
 
-def vit_inputs(model: LoadedModel, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-    """ViT patches and position ids of an image resized by the ViT rule."""
-    vit = model.cfg.vit
-    x = images.pil_to_tensor(images.VIT_RULE.resize(image))
-    patches = images.vit_patches(x, vit.patch_size)
-    ids = images.vit_position_ids(
-        x.shape[1] // vit.patch_size, x.shape[2] // vit.patch_size, vit.max_patches_per_side
-    )
-    return patches, ids
-
-
-def prefill_vit_block(model: LoadedModel, ctx: Context, image: Image.Image) -> None:
+def prefill_vit_block(
+    model: LoadedModel, ctx: Context, patches: torch.Tensor, ids: torch.Tensor
+) -> None:
     dev = model.bagel.device
-    patches, ids = vit_inputs(model, image)
     feats = model.bagel.embed_vit(patches.to(dev), ids.to(dev))
     _image_block(model, ctx, feats, gen=False, write=True)
     ctx.rope += 1
@@ -150,78 +142,6 @@ def encode_latent(model: LoadedModel, image: Image.Image) -> torch.Tensor:
     x = images.pil_to_tensor(images.VAE_RULE.resize(image))[None]
     vae = model.vae
     return vae.encode(x.to(device=model.bagel.device, dtype=next(vae.parameters()).dtype))
-
-
-def prefill_image(
-    model: LoadedModel,
-    ctx: Context,
-    image: Image.Image,
-    vae: bool,
-    vit: bool,
-    vit_from_vae_size: bool = True,
-) -> None:
-    """An input image as context: VAE block then ViT block, as the published code orders them.
-
-    BAGEL's interleaved inference resizes the image by the VAE rule first and derives the ViT
-    input from that; the IRG script resizes both from the original (`vit_from_vae_size=False`).
-    """
-    image = images.to_rgb(image)
-    if vae:
-        prefill_vae_block(model, ctx, encode_latent(model, image))
-    if vit:
-        src = images.VAE_RULE.resize(image) if vit_from_vae_size else image
-        prefill_vit_block(model, ctx, src)
-
-
-def sample_token(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
-) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def decode_text(
-    model: LoadedModel,
-    ctx: Context,
-    max_length: int,
-    temperature: float = 0.0,
-    generator: torch.Generator | None = None,
-    on_token: Callable[[int, int, torch.Tensor], None] | None = None,
-) -> list[int]:
-    """Generate from `<|im_start|>` on a fork of ctx; returns ids starting with the start token.
-
-    Stops after `max_length` steps (the start token counts) or when `<|im_end|>` is produced
-    (not appended). `on_token(id, position, logits)` sees each step's input token, its
-    position and its logits.
-    """
-    tok = model.tokenizer
-    work = ctx.fork()
-    dev = model.bagel.device
-    ids = [tok.im_start]
-    for step in range(max_length):
-        x = model.bagel.embed_text(_ids(ids[-1:], dev))
-        positions = torch.tensor([work.rope], device=dev)
-        hidden = _run(
-            model,
-            work,
-            x,
-            positions,
-            torch.zeros(1, dtype=torch.bool, device=dev),
-            causal=True,
-            write=True,
-        )
-        logits = model.bagel.logits(hidden)[0]
-        if on_token is not None:
-            on_token(ids[-1], work.rope, logits)
-        work.rope += 1
-        # The published loop samples on every step, the last included: keep the RNG stream equal.
-        nxt = sample_token(logits, temperature, generator)
-        if step == max_length - 1 or nxt == tok.im_end:
-            break
-        ids.append(nxt)
-    return ids
 
 
 def predict_velocity(
@@ -235,3 +155,10 @@ def predict_velocity(
     rows = model.bagel.embed_latents(x_t.to(dev), tt, pos)
     hidden = _image_block(model, ctx, rows, gen=True, write=False)
     return model.bagel.velocity(hidden)
+
+
+def decode_latents(model: LoadedModel, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Decoded image `[1, 3, H, W]` in [-1, 1] (float32, not clamped) of latent tokens."""
+    latent = images.unpatchify_latent(tokens, grid[0], grid[1], model.cfg.latent_patch_size)
+    vae_dtype = next(model.vae.parameters()).dtype
+    return model.vae.decode(latent.to(device=model.bagel.device, dtype=vae_dtype)).float().cpu()

@@ -9,27 +9,32 @@ from __future__ import annotations
 import torch
 
 from irg_engine import images
-from irg_engine.model.bagel import LoadedModel
-from irg_engine.recipes.context import Context, prefill_image, prefill_text
-from irg_engine.recipes.params import REFINE_IMAGE, Observer, RecipeParams, RecipeResult
-from irg_engine.recipes.stages import image_stage
+from irg_engine.recipes.params import REFINE_IMAGE, RecipeParams, RecipeResult
+from irg_engine.recipes.stages import image_stage, prefill_image
+from irg_engine.recipes.work import Env, PrefillText, Program
 
 
-@torch.no_grad()
-def edit(
-    model: LoadedModel, params: RecipeParams, observer: Observer | None = None
-) -> RecipeResult:
-    observer = observer or Observer()
-    tok = model.tokenizer
+def edit(params: RecipeParams, env: Env) -> Program:
+    tok, cx = env.tokenizer, env.contexts
     generator = torch.Generator().manual_seed(params.seed)
     image = images.to_rgb(params.image)
     size = images.VAE_RULE.target_size(*image.size)
-    main = Context(name="main", on_segment=observer.text_segment)
-    prefill_image(model, main, image, vae=True, vit=True)
-    text_free = main.fork("text_free")
-    prefill_text(model, main, tok.segment(params.prompt))
-    img_free = Context(name="image_free", on_segment=observer.text_segment)
-    prefill_text(model, img_free, tok.segment(params.prompt))
+    main = cx.new("main")
+    yield from prefill_image(env.cfg, main, image, vae=True, vit=True)
+    text_free = cx.fork(main, "text_free")
+    yield PrefillText(main, tok.segment(params.prompt))
+    img_free = cx.new("image_free")
+    yield PrefillText(img_free, tok.segment(params.prompt))
     settings = params.image_settings(params.guidance(**REFINE_IMAGE), size)
-    out = image_stage(model, main, text_free, img_free, settings, 1, generator, observer)
+    out = yield from image_stage(
+        env.cfg,
+        main,
+        text_free,
+        img_free,
+        settings,
+        1,
+        generator,
+        env.observer,
+        params.partial_images,
+    )
     return RecipeResult(images=[out], seed=params.seed)

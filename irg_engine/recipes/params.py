@@ -123,6 +123,9 @@ class Observer:
     def image_step(self, round: int, trace: StepTrace, total: int) -> None:
         """One denoising step of the image of `round` finished."""
 
+    def image_partial(self, round: int, index: int, pixels: np.ndarray) -> None:
+        """A preview (decoded predicted clean image) of the image of `round`."""
+
     def image_done(
         self, round: int, tokens: torch.Tensor, decoded: torch.Tensor, out: ImageOut
     ) -> None:

@@ -1,76 +1,174 @@
-"""The two stages every recipe is built from, on top of `context.py`.
+"""The stages every recipe program is built from (generators that yield model work).
 
-- `text_stage`: decode a text (think, reflect, answer) on a fork of the context and return it as
-  the published code does: the decoded string cut between the markers. The caller decides where
-  the re-tokenised segment is prefilled.
-- `image_stage`: draw noise, denoise against the given contexts, decode to uint8 pixels.
-Both report to the `Observer`.
+- `prefill_image`: an image as context, VAE block then ViT block.
+- `text_stage`: decode a text (think, reflect, answer) on a fork of the context, turn it into the
+  string the published code keeps (cut between the markers), and put the re-tokenised segment
+  into the context. Where re-tokenising gives back exactly the decoded ids, the decode's own KV is
+  kept and only `<|im_end|>` is appended; otherwise the segment is prefilled as the reference does.
+- `image_stage`: noise -> Euler steps with guidance (one `Velocity` item per step, one row per
+  active branch) -> optional previews -> decoded uint8 pixels.
+All report to the request's `Observer`.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from irg_engine import images
-from irg_engine.model.bagel import LoadedModel
-from irg_engine.recipes.context import Context, decode_text
-from irg_engine.recipes.denoise import (
-    ImageSettings,
-    decode_latents,
-    generate_latents,
-    initial_noise,
-    latent_grid,
-)
+import torch
+from PIL import Image
+
+from irg_engine import flow, images
+from irg_engine.config import BagelConfig, ViTConfig
+from irg_engine.recipes.denoise import ImageSettings, StepTrace, initial_noise, latent_grid
 from irg_engine.recipes.params import ImageOut, Observer, RecipeParams, TextOut
+from irg_engine.recipes.work import (
+    Contexts,
+    DecodeLatents,
+    DecodeStep,
+    EncodeLatent,
+    PrefillLatent,
+    PrefillText,
+    PrefillVit,
+    Program,
+    Velocity,
+)
+from irg_engine.tokenizer import Tokenizer
+
+
+def vit_inputs(cfg: ViTConfig, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViT patches and position ids of an image resized by the ViT rule."""
+    x = images.pil_to_tensor(images.VIT_RULE.resize(image))
+    p = cfg.patch_size
+    ids = images.vit_position_ids(x.shape[1] // p, x.shape[2] // p, cfg.max_patches_per_side)
+    return images.vit_patches(x, p), ids
+
+
+def prefill_image(
+    cfg: BagelConfig,
+    ctx: Any,
+    image: Image.Image,
+    vae: bool,
+    vit: bool,
+    vit_from_vae_size: bool = True,
+) -> Program:
+    """An input image as context: VAE block then ViT block, as the published code orders them.
+
+    BAGEL's interleaved inference resizes the image by the VAE rule first and derives the ViT
+    input from that; the IRG script resizes both from the original (`vit_from_vae_size=False`).
+    """
+    image = images.to_rgb(image)
+    if vae:
+        latent = yield EncodeLatent(image)
+        yield PrefillLatent(ctx, latent)
+    if vit:
+        src = images.VAE_RULE.resize(image) if vit_from_vae_size else image
+        yield PrefillVit(ctx, *vit_inputs(cfg.vit, src))
+
+
+def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def decode(
+    contexts: Contexts,
+    ctx: Any,
+    tok: Tokenizer,
+    max_length: int,
+    temperature: float,
+    generator: torch.Generator,
+    on_token=None,
+) -> Program:
+    """Generate from `<|im_start|>` on a fork of ctx; returns (ids with the start token, fork).
+
+    Stops after `max_length` steps (the start token counts) or when `<|im_end|>` is produced
+    (not appended, not fed). `on_token(id, position, logits)` sees every step.
+    """
+    work = contexts.fork(ctx, "decode")
+    ids = [tok.im_start]
+    for step in range(max_length):
+        position = contexts.rope(work)
+        logits = yield DecodeStep(work, ids[-1])
+        if on_token is not None:
+            on_token(ids[-1], position, logits)
+        # The published loop samples on every step, the last included: keep the RNG stream equal.
+        nxt = sample_token(logits, temperature, generator)
+        if step == max_length - 1 or nxt == tok.im_end:
+            break
+        ids.append(nxt)
+    return ids, work
 
 
 def text_stage(
-    model: LoadedModel,
-    ctx: Context,
+    contexts: Contexts,
+    main: Any,
+    tok: Tokenizer,
     stage: str,
     round: int,
     params: RecipeParams,
     generator: torch.Generator,
     observer: Observer,
-) -> TextOut:
-    generated = decode_text(
-        model,
-        ctx,
-        max_length=params.max_think_tokens,
-        temperature=params.temperature,
-        generator=generator,
-        on_token=lambda tok, pos, logits: observer.text_token(stage, round, tok, pos, logits),
+) -> Program:
+    """Returns (TextOut, the main context with the text appended)."""
+    generated, work = yield from decode(
+        contexts,
+        main,
+        tok,
+        params.max_think_tokens,
+        params.temperature,
+        generator,
+        on_token=lambda t, pos, logits: observer.text_token(stage, round, t, pos, logits),
     )
-    text = model.tokenizer.think_text(generated)
-    out = TextOut(stage, round, text, model.tokenizer.segment(text))
+    text = tok.think_text(generated)
+    out = TextOut(stage, round, text, tok.segment(text))
     observer.text_done(out, generated)
-    return out
+    if out.ids[:-1] == generated:
+        contexts.free(main)
+        main = work
+        yield PrefillText(main, out.ids[-1:])
+    else:
+        contexts.free(work)
+        yield PrefillText(main, out.ids)
+    return out, main
 
 
-@torch.no_grad()
+def _preview_steps(total: int, count: int) -> dict[int, int]:
+    """Step index -> preview index for `count` previews spread over the steps (not the last)."""
+    count = min(count, total - 1)
+    return {(k + 1) * total // (count + 1) - 1: k for k in range(count)}
+
+
 def image_stage(
-    model: LoadedModel,
-    full: Context,
-    text_free: Context | None,
-    img_free: Context | None,
+    cfg: BagelConfig,
+    full: Any,
+    text_free: Any,
+    img_free: Any,
     settings: ImageSettings,
     round: int,
     generator: torch.Generator,
     observer: Observer,
-) -> ImageOut:
-    grid = latent_grid(model, settings.width, settings.height)
-    noise = observer.noise(round, initial_noise(model, grid, generator))
-    total = settings.num_timesteps - 1
-    tokens = generate_latents(
-        model,
-        full,
-        text_free,
-        img_free,
-        settings,
-        noise,
-        on_step=lambda trace: observer.image_step(round, trace, total),
-    )
-    decoded = decode_latents(model, tokens, grid)
+    partial_images: int = 0,
+) -> Program:
+    grid = latent_grid(cfg, settings.width, settings.height)
+    x = observer.noise(round, initial_noise(cfg, grid, generator)).float()
+    g = settings.guidance
+    ts, dts = flow.schedule(settings.num_timesteps, settings.timestep_shift)
+    previews = _preview_steps(len(ts), partial_images)
+    for i, (t, dt) in enumerate(zip(ts.tolist(), dts.tolist(), strict=True)):
+        use_text, use_img = flow.guidance_active(t, g)
+        branches = [full] + ([text_free] if use_text else []) + ([img_free] if use_img else [])
+        vs = yield Velocity(branches, x, t, grid)
+        v_tf = vs[1] if use_text else None
+        v_if = vs[-1] if use_img else None
+        v = flow.combine_guidance(vs[0], v_tf, v_if, g)
+        observer.image_step(round, StepTrace(i, t, x, vs[0], v_tf, v_if, v), len(ts))
+        if i in previews:
+            decoded = yield DecodeLatents(x - t * v, grid)
+            observer.image_partial(round, previews[i], images.tensor_to_uint8(decoded))
+        x = flow.euler_step(x, v, torch.tensor(dt, dtype=torch.float32))
+    decoded = yield DecodeLatents(x, grid)
     out = ImageOut(round, images.tensor_to_uint8(decoded))
-    observer.image_done(round, tokens, decoded, out)
+    observer.image_done(round, x, decoded, out)
     return out

@@ -9,39 +9,42 @@ from __future__ import annotations
 
 import torch
 
-from irg_engine.model.bagel import LoadedModel
 from irg_engine.recipes import prompts
-from irg_engine.recipes.context import Context, prefill_text
-from irg_engine.recipes.params import FIRST_IMAGE, Observer, RecipeParams, RecipeResult
+from irg_engine.recipes.params import FIRST_IMAGE, RecipeParams, RecipeResult
 from irg_engine.recipes.stages import image_stage, text_stage
+from irg_engine.recipes.work import Env, PrefillText, Program
 
 
-@torch.no_grad()
-def t2i(
-    model: LoadedModel, params: RecipeParams, observer: Observer | None = None, think: bool = False
-) -> RecipeResult:
-    observer = observer or Observer()
-    tok = model.tokenizer
+def t2i(params: RecipeParams, env: Env, think: bool = False) -> Program:
+    tok, cx = env.tokenizer, env.contexts
     generator = torch.Generator().manual_seed(params.seed)
     result = RecipeResult(seed=params.seed)
-    main = Context(name="main", on_segment=observer.text_segment)
+    main = cx.new("main")
     if think:
-        prefill_text(model, main, tok.segment(prompts.GEN_THINK))
-    text_free = main.fork("text_free")
-    prefill_text(model, main, tok.segment(params.prompt))
-    img_free = main.fork("image_free")
+        yield PrefillText(main, tok.segment(prompts.GEN_THINK), shared=True)
+    text_free = cx.fork(main, "text_free")
+    yield PrefillText(main, tok.segment(params.prompt))
+    img_free = cx.fork(main, "image_free")
     if think:
-        out = text_stage(model, main, "think", 1, params, generator, observer)
+        out, main = yield from text_stage(
+            cx, main, tok, "think", 1, params, generator, env.observer
+        )
         result.texts.append(out)
-        prefill_text(model, main, out.ids)
     settings = params.image_settings(params.guidance(**FIRST_IMAGE))
-    result.images.append(
-        image_stage(model, main, text_free, img_free, settings, 1, generator, observer)
+    image = yield from image_stage(
+        env.cfg,
+        main,
+        text_free,
+        img_free,
+        settings,
+        1,
+        generator,
+        env.observer,
+        params.partial_images,
     )
+    result.images.append(image)
     return result
 
 
-def think_t2i(
-    model: LoadedModel, params: RecipeParams, observer: Observer | None = None
-) -> RecipeResult:
-    return t2i(model, params, observer, think=True)
+def think_t2i(params: RecipeParams, env: Env) -> Program:
+    return (yield from t2i(params, env, think=True))

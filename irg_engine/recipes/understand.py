@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from irg_engine.model.bagel import LoadedModel
-from irg_engine.recipes.context import Context, prefill_image, prefill_text
-from irg_engine.recipes.params import Observer, RecipeParams, RecipeResult
-from irg_engine.recipes.stages import text_stage
+from irg_engine.recipes.params import RecipeParams, RecipeResult
+from irg_engine.recipes.stages import prefill_image, text_stage
+from irg_engine.recipes.work import Env, PrefillText, Program
 
 
-@torch.no_grad()
-def understand(
-    model: LoadedModel, params: RecipeParams, observer: Observer | None = None
-) -> RecipeResult:
-    observer = observer or Observer()
+def understand(params: RecipeParams, env: Env) -> Program:
+    tok, cx = env.tokenizer, env.contexts
     generator = torch.Generator().manual_seed(params.seed)
-    main = Context(name="main", on_segment=observer.text_segment)
-    prefill_image(model, main, params.image, vae=False, vit=True)
-    prefill_text(model, main, model.tokenizer.segment(params.prompt))
-    answer = text_stage(model, main, "answer", 1, params, generator, observer)
+    main = cx.new("main")
+    yield from prefill_image(env.cfg, main, params.image, vae=False, vit=True)
+    yield PrefillText(main, tok.segment(params.prompt))
+    answer, _ = yield from text_stage(cx, main, tok, "answer", 1, params, generator, env.observer)
     return RecipeResult(texts=[answer], seed=params.seed)

@@ -1,0 +1,84 @@
+"""The reference executor: runs a recipe program's work items one at a time, as they come.
+
+Contexts are dense per-sequence caches (`context.Context`); every item is one model call (or
+several, for the guidance branches of a velocity item, one after another). This is the
+specification the batched engine must reproduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from irg_engine.model.bagel import LoadedModel
+from irg_engine.recipes.context import (
+    Context,
+    decode_latents,
+    encode_latent,
+    predict_velocity,
+    prefill_text,
+    prefill_vae_block,
+    prefill_vit_block,
+)
+from irg_engine.recipes.work import (
+    DecodeLatents,
+    DecodeStep,
+    EncodeLatent,
+    PrefillLatent,
+    PrefillText,
+    PrefillVit,
+    Program,
+    Velocity,
+    Work,
+)
+
+
+class DenseContexts:
+    def __init__(self, on_segment: Callable[[str, list[int], int], None] | None = None) -> None:
+        self.on_segment = on_segment
+
+    def new(self, name: str) -> Context:
+        return Context(name=name, on_segment=self.on_segment)
+
+    def fork(self, ctx: Context, name: str) -> Context:
+        return ctx.fork(name)
+
+    def free(self, ctx: Context) -> None:
+        """Dense contexts are garbage collected."""
+
+    def rope(self, ctx: Context) -> int:
+        return ctx.rope
+
+
+def execute(model: LoadedModel, item: Work) -> Any:
+    match item:
+        case PrefillText(ctx=ctx, ids=ids):
+            prefill_text(model, ctx, ids)
+        case PrefillLatent(ctx=ctx, latent=latent):
+            prefill_vae_block(model, ctx, latent)
+        case PrefillVit(ctx=ctx, patches=patches, ids=ids):
+            prefill_vit_block(model, ctx, patches, ids)
+        case DecodeStep(ctx=ctx, token=token):
+            return model.bagel.logits(prefill_text(model, ctx, [token], report=False))[0].cpu()
+        case Velocity(contexts=contexts, x=x, t=t, grid=grid):
+            return [predict_velocity(model, c, x, t, grid).cpu() for c in contexts]
+        case EncodeLatent(image=image):
+            return encode_latent(model, image)
+        case DecodeLatents(x=x, grid=grid):
+            return decode_latents(model, x, grid)
+        case _:
+            raise TypeError(f"unknown work item {type(item).__name__}")
+    return None
+
+
+@torch.no_grad()
+def drive(model: LoadedModel, program: Program) -> Any:
+    """Run a program to its end; returns what the program returns."""
+    try:
+        item = next(program)
+        while True:
+            item = program.send(execute(model, item))
+    except StopIteration as stop:
+        return stop.value

@@ -1,0 +1,132 @@
+"""The units of model work a recipe program asks for, and the context operations it may use.
+
+Recipes are written as generator programs: plain sequential code that `yield`s a work item each
+time it needs the model and receives the item's result back. Two executors run them:
+- `recipes/dense.py` runs each item at once on dense per-context caches (the reference);
+- the engine collects the pending items of many requests, batches them into shared forward
+  passes over a paged KV cache, and sends each program its own result.
+Contexts are opaque handles owned by the executor (`Contexts`); programs create, fork and free
+them but never look inside. Sizes (`tokens`) are what the engine's scheduler budgets with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+
+@dataclass(slots=True)
+class PrefillText:
+    """Append a text segment (causal). `shared` marks a prefix worth caching across requests."""
+
+    ctx: Any
+    ids: list[int]
+    shared: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(slots=True)
+class PrefillLatent:
+    """Append a clean latent `[1, C, 2h, 2w]` as a VAE block (t = 0, bidirectional)."""
+
+    ctx: Any
+    latent: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.latent.shape[-2] * self.latent.shape[-1] // 4 + 2
+
+
+@dataclass(slots=True)
+class PrefillVit:
+    """Append an image as a ViT block; `patches`/`ids` come from `context.vit_inputs`."""
+
+    ctx: Any
+    patches: torch.Tensor
+    ids: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.patches.shape[0] + 2
+
+
+@dataclass(slots=True)
+class DecodeStep:
+    """Feed one token at the context's next position; the result is its logits (float32)."""
+
+    ctx: Any
+    token: int
+
+    @property
+    def tokens(self) -> int:
+        return 1
+
+
+@dataclass(slots=True)
+class Velocity:
+    """One denoising evaluation: the same noisy tokens queried against each context (one row
+    per guidance branch, never written). The result is one velocity per context."""
+
+    contexts: list[Any]
+    x: torch.Tensor
+    t: float
+    grid: tuple[int, int]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.contexts) * (self.x.shape[0] + 2)
+
+
+@dataclass(slots=True)
+class EncodeLatent:
+    """VAE-encode an image (resized by the VAE rule); the result is its posterior-mean latent."""
+
+    image: Image.Image
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class DecodeLatents:
+    """VAE-decode latent tokens; the result is the float image `[1, 3, H, W]` in [-1, 1]."""
+
+    x: torch.Tensor
+    grid: tuple[int, int]
+    tokens: int = 0
+
+
+Work = (
+    PrefillText | PrefillLatent | PrefillVit | DecodeStep | Velocity | EncodeLatent | DecodeLatents
+)
+LM_WORK = (PrefillText, PrefillLatent, PrefillVit, DecodeStep, Velocity)
+Program = Generator[Work, Any, Any]
+
+
+class Contexts(Protocol):
+    """Context handles of one request, owned by the executor."""
+
+    def new(self, name: str) -> Any: ...
+
+    def fork(self, ctx: Any, name: str) -> Any:
+        """A context that shares everything `ctx` holds now and then grows on its own."""
+
+    def free(self, ctx: Any) -> None: ...
+
+    def rope(self, ctx: Any) -> int:
+        """The position the next token appended to `ctx` will take."""
+
+
+@dataclass(slots=True)
+class Env:
+    """What a program needs besides its parameters: vocabulary, model shape, contexts, observer."""
+
+    tokenizer: Any
+    cfg: Any
+    contexts: Contexts
+    observer: Any
