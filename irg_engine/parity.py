@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,13 @@ import torch
 from safetensors.numpy import load_file
 
 from irg_engine import checkpoint
+from irg_engine.engine import Engine, EngineConfig
+from irg_engine.events import FINAL, Failed
 from irg_engine.model.bagel import LoadedModel
+from irg_engine.recipes.dense import DenseContexts, drive
+from irg_engine.recipes.params import Observer, RecipeParams
+from irg_engine.recipes.work import Env
+from irg_engine.request import Request
 
 DEFAULT_TOLERANCE = 1e-4
 PIXEL_FRACTION = 1e-3
@@ -111,7 +119,69 @@ class ModelCache:
         return self._models[path]
 
 
-def run_case(case: Case, model: LoadedModel, tolerance: float, engine: bool = False) -> Checks:
+class Executor:
+    """Runs a program (`factory(env) -> generator`) to its end and returns its return value.
+
+    The base class is the sequential reference (`recipes/dense.py`); `EngineExecutor` submits the
+    program to a shared engine instead, so cases running in parallel threads share its steps.
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+
+    def run(self, factory, observer: Observer | None = None):
+        observer = observer or Observer()
+        env = Env(self.model.tokenizer, self.model.cfg, DenseContexts(), observer)
+        return drive(self.model, factory(env))
+
+    def close(self) -> None:
+        """Nothing to release for the sequential executor."""
+
+
+class EngineExecutor(Executor):
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__(model)
+        self.engine = Engine(model, EngineConfig())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while not self._stop.is_set():
+                if not self.engine.step():
+                    time.sleep(0.002)
+
+    def run(self, factory, observer: Observer | None = None):
+        done = threading.Event()
+        final: list = []
+
+        def emit(event) -> None:
+            if isinstance(event, FINAL):
+                final.append(event)
+                done.set()
+
+        req = Request(
+            f"parity-{id(done)}",
+            RecipeParams("parity"),
+            emit,
+            observer=observer,
+            program_factory=factory,
+        )
+        self.engine.add(req)
+        done.wait()
+        if isinstance(final[0], Failed):
+            raise RuntimeError(f"engine failed the case: {final[0].message}")
+        return req.result
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_case(
+    case: Case, model: LoadedModel, tolerance: float, ex: Executor | None = None
+) -> Checks:
     from irg_engine.parity_cases import CASES
 
     checks = Checks(tolerance)
@@ -120,7 +190,7 @@ def run_case(case: Case, model: LoadedModel, tolerance: float, engine: bool = Fa
         checks.failures.append(f"unknown case kind {case.kind!r}")
         return checks
     with torch.no_grad():
-        runner(case, model, checks, engine)
+        runner(case, model, checks, ex or Executor(model))
     return checks
 
 
@@ -141,23 +211,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     models = ModelCache()
-    passed = failed = 0
-    for root in args.cases:
+    executors: dict[int, Executor] = {}
+
+    def one(root: Path) -> tuple[str, Checks, float]:
         start = time.perf_counter()
         try:
             case = Case.load(root)
-            checks = run_case(case, models.get(case), args.tolerance, args.engine)
-            label = case.kind
-        except (OSError, KeyError, ValueError, checkpoint.CheckpointError) as e:
-            checks, label = Checks(args.tolerance), root.name
+            model = models.get(case)
+            checks = run_case(case, model, args.tolerance, executors.get(id(model)))
+            return case.kind, checks, time.perf_counter() - start
+        except (OSError, KeyError, ValueError, RuntimeError, checkpoint.CheckpointError) as e:
+            checks = Checks(args.tolerance)
             checks.failures.append(f"could not run: {e}")
+            return root.name, checks, time.perf_counter() - start
+
+    if args.engine:  # one engine per checkpoint; every case submitted at once, one thread each
+        for root in args.cases:
+            try:
+                model = models.get(Case.load(root))
+            except (OSError, KeyError, ValueError, checkpoint.CheckpointError):
+                continue
+            executors.setdefault(id(model), EngineExecutor(model))
+        with ThreadPoolExecutor(max(1, len(args.cases))) as pool:
+            results = list(pool.map(one, args.cases))
+    else:
+        results = [one(root) for root in args.cases]
+    for ex in executors.values():
+        ex.close()
+    passed = failed = 0
+    for label, checks, seconds in results:
         ok = not checks.failures and checks.count > 0
         passed += ok
         failed += not ok
         err, where = checks.worst
         print(
             f"{'PASS' if ok else 'FAIL'} {label:6s} worst rel L2 {err:.2e} ({where}), "
-            f"{checks.count} checks, {time.perf_counter() - start:.1f}s"
+            f"{checks.count} checks, {seconds:.1f}s"
         )
         for failure in checks.failures if args.verbose else checks.failures[:3]:
             print(f"     {failure}")

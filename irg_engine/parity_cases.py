@@ -1,8 +1,10 @@
 """What each golden case kind runs and compares (see `parity.py` for the runner and tolerances).
 
-Each function takes the case, the loaded model and a `Checks` accumulator. Full pipelines run
-through the reference recipes with a `GoldenObserver` that feeds the stored noise (and, for IRG
-turn 2, optionally the stored image-1 pixels) and records every intermediate the data stores.
+Each function takes the case, the loaded model, a `Checks` accumulator and an `Executor` that runs
+programs (sequentially, or through the batched engine with `--engine`). Full pipelines run the
+recipe programs with a `GoldenObserver` that feeds the stored noise (and, for IRG turn 2, the
+stored image-1 pixels in one of its two runs) and records every intermediate the data stores;
+component cases run small programs that prefill one thing and read the KV back.
 """
 
 from __future__ import annotations
@@ -15,17 +17,10 @@ from PIL import Image
 
 from irg_engine import images
 from irg_engine.model.bagel import LoadedModel
-from irg_engine.parity import Case, Checks
-from irg_engine.recipes import RecipeParams, run
-from irg_engine.recipes.context import (
-    Context,
-    encode_latent,
-    prefill_text,
-    prefill_vae_block,
-    prefill_vit_block,
-)
+from irg_engine.parity import Case, Checks, Executor
+from irg_engine.recipes import RecipeParams, program
+from irg_engine.recipes.context import encode_latent
 from irg_engine.recipes.denoise import StepTrace
-from irg_engine.recipes.dense import DenseContexts, drive
 from irg_engine.recipes.params import (
     FIRST_IMAGE,
     REFINE_IMAGE,
@@ -33,53 +28,73 @@ from irg_engine.recipes.params import (
     Observer,
     TextOut,
 )
-from irg_engine.recipes.stages import decode, vit_inputs
+from irg_engine.recipes.stages import decode, prefill_text, vit_inputs
+from irg_engine.recipes.work import PrefillLatent, PrefillVit, ReadKV
 
 
-def _check_kv(checks: Checks, case: Case, prefix: str, ctx: Context) -> None:
-    for layer in range(len(ctx.keys)):
+def _check_kv(checks: Checks, case: Case, prefix: str, kv) -> None:
+    keys, values = kv
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        checks.close(f"{prefix}.layer{layer}.key", k, case.expected[f"{prefix}.layer{layer}.key"])
         checks.close(
-            f"{prefix}.layer{layer}.key",
-            ctx.keys[layer],
-            case.expected[f"{prefix}.layer{layer}.key"],
-        )
-        checks.close(
-            f"{prefix}.layer{layer}.value",
-            ctx.values[layer],
-            case.expected[f"{prefix}.layer{layer}.value"],
+            f"{prefix}.layer{layer}.value", v, case.expected[f"{prefix}.layer{layer}.value"]
         )
 
 
-def text_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+def text_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> None:
     tok, inputs, e = model.tokenizer, case.spec["inputs"], case.expected
-    ctx = Context()
-    for name in ("system", "user"):
-        ids = tok.segment(inputs[f"{name}_prompt"])
-        checks.equal(f"{name}.ids", ids, e[f"{name}.ids"])
+    steps: list[tuple[int, torch.Tensor]] = []
+    obs = GoldenObserver({}, {})
+
+    def text_program(env):
+        ctx = env.contexts.new("main")
+        for name in ("system", "user"):
+            yield from prefill_text(env, ctx, tok.segment(inputs[f"{name}_prompt"]))
+        kv = yield ReadKV(ctx)
+        ids, _ = yield from decode(
+            env.contexts,
+            ctx,
+            tok,
+            case.spec["settings"]["max_length"],
+            0.0,
+            torch.Generator(),
+            on_token=lambda t, pos, logits: steps.append((pos, logits)),
+        )
+        return kv, ids
+
+    kv, ids = ex.run(text_program, obs)
+    for name, (_, seg_ids, start) in zip(("system", "user"), obs.segments, strict=True):
+        checks.equal(f"{name}.ids", seg_ids, e[f"{name}.ids"])
         checks.equal(
             f"{name}.position_ids",
-            np.arange(ctx.rope, ctx.rope + len(ids)),
+            np.arange(start, start + len(seg_ids)),
             e[f"{name}.position_ids"],
         )
-        prefill_text(model, ctx, ids)
-    _check_kv(checks, case, "kv_after_prompts", ctx)
-    steps: list[tuple[int, torch.Tensor]] = []
-    program = decode(
-        DenseContexts(),
-        ctx,
-        tok,
-        case.spec["settings"]["max_length"],
-        0.0,
-        torch.Generator(),
-        on_token=lambda t, pos, logits: steps.append((pos, logits)),
-    )
-    ids, _ = drive(model, program)
+    _check_kv(checks, case, "kv_after_prompts", kv)
     checks.equal("decode.ids", ids, e["decode.ids"])
     checks.equal("decode.position_ids", [p for p, _ in steps], e["decode.position_ids"])
     checks.close("decode.logits", torch.stack([lg for _, lg in steps]), e["decode.logits"])
 
 
-def vit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+def _block_inputs(model: LoadedModel, inner: torch.Tensor) -> torch.Tensor:
+    tok = model.tokenizer
+    markers = model.bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end]))
+    return torch.cat([markers[:1], inner, markers[1:]])
+
+
+def _block_program(item_type, *args):
+    """A program that prefills one image block into an empty context and reads its KV."""
+
+    def program(env):
+        ctx = env.contexts.new("main")
+        yield item_type(ctx, *args)
+        kv = yield ReadKV(ctx)
+        return kv, env.contexts.rope(ctx)
+
+    return program
+
+
+def vit_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> None:
     e = case.expected
     image = Image.fromarray(e["image_uint8"])
     checks.equal(
@@ -94,18 +109,14 @@ def vit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
     checks.close("connector_output", model.bagel.vit.connect(encoded), e["connector_output"])
     feats = model.bagel.embed_vit(patches, ids)
     checks.close("vit_features", feats, e["vit_features"])
-    tok = model.tokenizer
-    markers = model.bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end]))
-    checks.close(
-        "llm_block_input", torch.cat([markers[:1], feats, markers[1:]]), e["llm_block_input"]
-    )
-    ctx = Context()
-    prefill_vit_block(model, ctx, patches, ids)
-    checks.equal("llm_position_ids", np.zeros(ctx.length, dtype=np.int64), e["llm_position_ids"])
-    _check_kv(checks, case, "kv_after_vit_block", ctx)
+    checks.close("llm_block_input", _block_inputs(model, feats), e["llm_block_input"])
+    kv, rope = ex.run(_block_program(PrefillVit, patches, ids))
+    # A block shares the position its context had (0 here) and advances it by one.
+    checks.equal("llm_position_ids", np.full(kv[0][0].shape[0], rope - 1), e["llm_position_ids"])
+    _check_kv(checks, case, "kv_after_vit_block", kv)
 
 
-def vae_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+def vae_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> None:
     e = case.expected
     x = images.pil_to_tensor(Image.fromarray(e["image_uint8"]))[None]
     checks.close("encoder_moments", model.vae.encode_moments(x), e["encoder_moments"])
@@ -121,17 +132,12 @@ def vae_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
     pos = images.latent_position_ids(h, w, model.cfg.max_latent_size)
     checks.equal("vae_block.latent_position_ids", pos, e["vae_block.latent_position_ids"])
     rows = model.bagel.embed_latents(tokens, torch.zeros(h * w), pos)
-    tok = model.tokenizer
-    markers = model.bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end]))
-    checks.close(
-        "vae_block.llm_input", torch.cat([markers[:1], rows, markers[1:]]), e["vae_block.llm_input"]
-    )
-    ctx = Context()
-    prefill_vae_block(model, ctx, latent)
+    checks.close("vae_block.llm_input", _block_inputs(model, rows), e["vae_block.llm_input"])
+    kv, rope = ex.run(_block_program(PrefillLatent, latent))
     checks.equal(
-        "vae_block.position_ids", np.zeros(ctx.length, dtype=np.int64), e["vae_block.position_ids"]
+        "vae_block.position_ids", np.full(kv[0][0].shape[0], rope - 1), e["vae_block.position_ids"]
     )
-    _check_kv(checks, case, "vae_block.kv", ctx)
+    _check_kv(checks, case, "vae_block.kv", kv)
 
 
 class GoldenObserver(Observer):
@@ -202,7 +208,7 @@ def _settings(spec: dict, prefix: dict | None = None) -> dict:
     )
 
 
-def t2i_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+def t2i_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> None:
     e, spec, s = case.expected, case.spec, case.spec["settings"]
     h, w = spec["inputs"]["image_hw"]
     params = RecipeParams(
@@ -215,7 +221,7 @@ def t2i_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
         **_settings(s),
     )
     obs = GoldenObserver({1: case.tensor("noise")}, {})
-    run(model, params, obs)
+    ex.run(lambda env: program(params, env), obs)
     checks.equal("prompt_ids", obs.segments[0][1], e["prompt_ids"])
     _check_steps(checks, e, "steps", obs.steps[1], ("x_t", "v_cond", "v_text_free", "v"))
     checks.close("final_latent_tokens", obs.tokens[1], e["final_latent_tokens"])
@@ -226,7 +232,7 @@ def t2i_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
     checks.pixels("image_out_uint8", obs.images[1].pixels, e["image_out_uint8"])
 
 
-def edit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+def edit_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> None:
     e, spec, s = case.expected, case.spec, case.spec["settings"]
     image = Image.fromarray(e["image_uint8"])
     params = RecipeParams(
@@ -239,7 +245,7 @@ def edit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> N
     )
     checks.close("vae_context_latent", encode_latent(model, image), e["vae_context_latent"])
     obs = GoldenObserver({1: case.tensor("noise")}, {})
-    run(model, params, obs)
+    ex.run(lambda env: program(params, env), obs)
     checks.equal("prompt_ids", obs.segments[0][1], e["prompt_ids"])
     steps = obs.steps[1]
     checks.equal("steps.t", np.array([st.t for st in steps], dtype=np.float32), e["steps.t"])
@@ -253,7 +259,7 @@ def edit_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> N
     checks.pixels("image_out_uint8", obs.images[1].pixels, e["image_out_uint8"])
 
 
-def irg_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> None:
+def irg_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> None:
     e, spec, s = case.expected, case.spec, case.spec["settings"]
     h, w = spec["inputs"]["resolution"]
     stored_image1 = e["image1.uint8"]
@@ -296,7 +302,7 @@ def irg_case(case: Case, model: LoadedModel, checks: Checks, engine: bool) -> No
     )
     for label, pixels in (("", {1: stored_image1}), ("own_image1:", {})):
         obs = GoldenObserver(noises, pixels)
-        run(model, params, obs)
+        ex.run(lambda env: program(params, env), obs)
         _check_irg_run(checks, e, obs, label)
 
 

@@ -32,5 +32,5 @@ def program(params: RecipeParams, env: Env) -> Program:
 
 def run(model: LoadedModel, params: RecipeParams, observer: Observer | None = None) -> RecipeResult:
     observer = observer or Observer()
-    env = Env(model.tokenizer, model.cfg, DenseContexts(observer.text_segment), observer)
+    env = Env(model.tokenizer, model.cfg, DenseContexts(), observer)
     return drive(model, program(params, env))

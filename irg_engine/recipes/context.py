@@ -9,7 +9,6 @@ through a `DensePlan` (a single segment after one context).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +27,6 @@ class Context:
     values: list[torch.Tensor] = field(default_factory=list)
     rope: int = 0
     name: str = ""
-    # Called with (context name, ids, first position) for every text segment appended.
-    on_segment: Callable[[str, list[int], int], None] | None = None
 
     @property
     def length(self) -> int:
@@ -37,13 +34,7 @@ class Context:
 
     def fork(self, name: str | None = None) -> Context:
         # Appends build new tensors (torch.cat), so a fork can share the existing ones.
-        return Context(
-            list(self.keys),
-            list(self.values),
-            self.rope,
-            self.name if name is None else name,
-            self.on_segment,
-        )
+        return Context(list(self.keys), list(self.values), self.rope, name or self.name)
 
 
 class DensePlan:
@@ -85,17 +76,13 @@ def _ids(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def prefill_text(
-    model: LoadedModel, ctx: Context, ids: list[int], report: bool = True
-) -> torch.Tensor:
+def prefill_text(model: LoadedModel, ctx: Context, ids: list[int]) -> torch.Tensor:
     """Append text tokens (a wrapped segment, or a decode step); returns their hidden states."""
     dev = model.bagel.device
     positions = torch.arange(ctx.rope, ctx.rope + len(ids), device=dev)
     x = model.bagel.embed_text(_ids(ids, dev))
     mask = torch.zeros(len(ids), dtype=torch.bool, device=dev)
     hidden = _run(model, ctx, x, positions, mask, causal=True, write=True)
-    if report and ctx.on_segment is not None:
-        ctx.on_segment(ctx.name, list(ids), ctx.rope)
     ctx.rope += len(ids)
     return hidden
 

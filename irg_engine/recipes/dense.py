@@ -7,7 +7,6 @@ specification the batched engine must reproduce.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,17 +29,15 @@ from irg_engine.recipes.work import (
     PrefillText,
     PrefillVit,
     Program,
+    ReadKV,
     Velocity,
     Work,
 )
 
 
 class DenseContexts:
-    def __init__(self, on_segment: Callable[[str, list[int], int], None] | None = None) -> None:
-        self.on_segment = on_segment
-
     def new(self, name: str) -> Context:
-        return Context(name=name, on_segment=self.on_segment)
+        return Context(name=name)
 
     def fork(self, ctx: Context, name: str) -> Context:
         return ctx.fork(name)
@@ -61,13 +58,15 @@ def execute(model: LoadedModel, item: Work) -> Any:
         case PrefillVit(ctx=ctx, patches=patches, ids=ids):
             prefill_vit_block(model, ctx, patches, ids)
         case DecodeStep(ctx=ctx, token=token):
-            return model.bagel.logits(prefill_text(model, ctx, [token], report=False))[0].cpu()
+            return model.bagel.logits(prefill_text(model, ctx, [token]))[0].cpu()
         case Velocity(contexts=contexts, x=x, t=t, grid=grid):
             return [predict_velocity(model, c, x, t, grid).cpu() for c in contexts]
         case EncodeLatent(image=image):
             return encode_latent(model, image)
         case DecodeLatents(x=x, grid=grid):
             return decode_latents(model, x, grid)
+        case ReadKV(ctx=ctx):
+            return list(ctx.keys), list(ctx.values)
         case _:
             raise TypeError(f"unknown work item {type(item).__name__}")
     return None

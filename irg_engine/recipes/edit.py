@@ -10,8 +10,8 @@ import torch
 
 from irg_engine import images
 from irg_engine.recipes.params import REFINE_IMAGE, RecipeParams, RecipeResult
-from irg_engine.recipes.stages import image_stage, prefill_image
-from irg_engine.recipes.work import Env, PrefillText, Program
+from irg_engine.recipes.stages import image_stage, prefill_image, prefill_text
+from irg_engine.recipes.work import Env, Program
 
 
 def edit(params: RecipeParams, env: Env) -> Program:
@@ -22,19 +22,11 @@ def edit(params: RecipeParams, env: Env) -> Program:
     main = cx.new("main")
     yield from prefill_image(env.cfg, main, image, vae=True, vit=True)
     text_free = cx.fork(main, "text_free")
-    yield PrefillText(main, tok.segment(params.prompt))
+    yield from prefill_text(env, main, tok.segment(params.prompt))
     img_free = cx.new("image_free")
-    yield PrefillText(img_free, tok.segment(params.prompt))
+    yield from prefill_text(env, img_free, tok.segment(params.prompt))
     settings = params.image_settings(params.guidance(**REFINE_IMAGE), size)
     out = yield from image_stage(
-        env.cfg,
-        main,
-        text_free,
-        img_free,
-        settings,
-        1,
-        generator,
-        env.observer,
-        params.partial_images,
+        env, main, text_free, img_free, settings, 1, generator, params.partial_images
     )
     return RecipeResult(images=[out], seed=params.seed)

@@ -18,25 +18,25 @@ from PIL import Image
 
 from irg_engine.recipes import prompts
 from irg_engine.recipes.params import FIRST_IMAGE, REFINE_IMAGE, RecipeParams, RecipeResult
-from irg_engine.recipes.stages import image_stage, prefill_image, text_stage
-from irg_engine.recipes.work import Env, PrefillText, Program
+from irg_engine.recipes.stages import image_stage, prefill_image, prefill_text, text_stage
+from irg_engine.recipes.work import Env, Program
 
 
 def irg(params: RecipeParams, env: Env) -> Program:
-    tok, cx, obs, cfg = env.tokenizer, env.contexts, env.observer, env.cfg
+    tok, cx, obs = env.tokenizer, env.contexts, env.observer
     generator = torch.Generator().manual_seed(params.seed)
     result = RecipeResult(seed=params.seed)
 
     main = cx.new("main")
-    yield PrefillText(main, tok.segment(prompts.IRG), shared=True)
+    yield from prefill_text(env, main, tok.segment(prompts.IRG), shared=True)
     text_free = cx.fork(main, "text_free")
-    yield PrefillText(main, tok.segment(params.prompt))
-    think, main = yield from text_stage(cx, main, tok, "think", 1, params, generator, obs)
+    yield from prefill_text(env, main, tok.segment(params.prompt))
+    think, main = yield from text_stage(env, main, "think", 1, params, generator)
     result.texts.append(think)
     no_images = cx.fork(main, "image_free")
     settings = params.image_settings(params.guidance(**FIRST_IMAGE))
     image = yield from image_stage(
-        cfg, main, text_free, no_images, settings, 1, generator, obs, params.partial_images
+        env, main, text_free, no_images, settings, 1, generator, params.partial_images
     )
     result.images.append(image)
 
@@ -45,16 +45,14 @@ def irg(params: RecipeParams, env: Env) -> Program:
         cx.free(text_free)
         pixels = obs.feedback_pixels(image.round, image.pixels)
         yield from prefill_image(
-            cfg, main, Image.fromarray(pixels), vae=True, vit=True, vit_from_vae_size=False
+            env.cfg, main, Image.fromarray(pixels), vae=True, vit=True, vit_from_vae_size=False
         )
         text_free = cx.fork(main, "text_free")
-        reflect, main = yield from text_stage(
-            cx, main, tok, "reflect", round, params, generator, obs
-        )
+        reflect, main = yield from text_stage(env, main, "reflect", round, params, generator)
         result.texts.append(reflect)
-        yield PrefillText(no_images, reflect.ids)
+        yield from prefill_text(env, no_images, reflect.ids)
         image = yield from image_stage(
-            cfg, main, text_free, no_images, refine, round, generator, obs, params.partial_images
+            env, main, text_free, no_images, refine, round, generator, params.partial_images
         )
         result.images.append(image)
     return result

@@ -20,12 +20,13 @@ from PIL import Image
 from irg_engine import flow, images
 from irg_engine.config import BagelConfig, ViTConfig
 from irg_engine.recipes.denoise import ImageSettings, StepTrace, initial_noise, latent_grid
-from irg_engine.recipes.params import ImageOut, Observer, RecipeParams, TextOut
+from irg_engine.recipes.params import ImageOut, RecipeParams, TextOut
 from irg_engine.recipes.work import (
     Contexts,
     DecodeLatents,
     DecodeStep,
     EncodeLatent,
+    Env,
     PrefillLatent,
     PrefillText,
     PrefillVit,
@@ -101,17 +102,17 @@ def decode(
     return ids, work
 
 
+def prefill_text(env: Env, ctx: Any, ids: list[int], shared: bool = False) -> Program:
+    """Append a text segment (reported to the observer with its context and first position)."""
+    env.observer.text_segment(ctx.name, ids, env.contexts.rope(ctx))
+    yield PrefillText(ctx, ids, shared)
+
+
 def text_stage(
-    contexts: Contexts,
-    main: Any,
-    tok: Tokenizer,
-    stage: str,
-    round: int,
-    params: RecipeParams,
-    generator: torch.Generator,
-    observer: Observer,
+    env: Env, main: Any, stage: str, round: int, params: RecipeParams, generator: torch.Generator
 ) -> Program:
     """Returns (TextOut, the main context with the text appended)."""
+    contexts, tok, observer = env.contexts, env.tokenizer, env.observer
     generated, work = yield from decode(
         contexts,
         main,
@@ -127,10 +128,10 @@ def text_stage(
     if out.ids[:-1] == generated:
         contexts.free(main)
         main = work
-        yield PrefillText(main, out.ids[-1:])
+        yield from prefill_text(env, main, out.ids[-1:])
     else:
         contexts.free(work)
-        yield PrefillText(main, out.ids)
+        yield from prefill_text(env, main, out.ids)
     return out, main
 
 
@@ -141,16 +142,16 @@ def _preview_steps(total: int, count: int) -> dict[int, int]:
 
 
 def image_stage(
-    cfg: BagelConfig,
+    env: Env,
     full: Any,
     text_free: Any,
     img_free: Any,
     settings: ImageSettings,
     round: int,
     generator: torch.Generator,
-    observer: Observer,
     partial_images: int = 0,
 ) -> Program:
+    cfg, observer = env.cfg, env.observer
     grid = latent_grid(cfg, settings.width, settings.height)
     x = observer.noise(round, initial_noise(cfg, grid, generator)).float()
     g = settings.guidance

@@ -11,8 +11,8 @@ import torch
 
 from irg_engine.recipes import prompts
 from irg_engine.recipes.params import FIRST_IMAGE, RecipeParams, RecipeResult
-from irg_engine.recipes.stages import image_stage, text_stage
-from irg_engine.recipes.work import Env, PrefillText, Program
+from irg_engine.recipes.stages import image_stage, prefill_text, text_stage
+from irg_engine.recipes.work import Env, Program
 
 
 def t2i(params: RecipeParams, env: Env, think: bool = False) -> Program:
@@ -21,26 +21,16 @@ def t2i(params: RecipeParams, env: Env, think: bool = False) -> Program:
     result = RecipeResult(seed=params.seed)
     main = cx.new("main")
     if think:
-        yield PrefillText(main, tok.segment(prompts.GEN_THINK), shared=True)
+        yield from prefill_text(env, main, tok.segment(prompts.GEN_THINK), shared=True)
     text_free = cx.fork(main, "text_free")
-    yield PrefillText(main, tok.segment(params.prompt))
+    yield from prefill_text(env, main, tok.segment(params.prompt))
     img_free = cx.fork(main, "image_free")
     if think:
-        out, main = yield from text_stage(
-            cx, main, tok, "think", 1, params, generator, env.observer
-        )
+        out, main = yield from text_stage(env, main, "think", 1, params, generator)
         result.texts.append(out)
     settings = params.image_settings(params.guidance(**FIRST_IMAGE))
     image = yield from image_stage(
-        env.cfg,
-        main,
-        text_free,
-        img_free,
-        settings,
-        1,
-        generator,
-        env.observer,
-        params.partial_images,
+        env, main, text_free, img_free, settings, 1, generator, params.partial_images
     )
     result.images.append(image)
     return result

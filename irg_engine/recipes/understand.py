@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from irg_engine.recipes.params import RecipeParams, RecipeResult
-from irg_engine.recipes.stages import prefill_image, text_stage
-from irg_engine.recipes.work import Env, PrefillText, Program
+from irg_engine.recipes.stages import prefill_image, prefill_text, text_stage
+from irg_engine.recipes.work import Env, Program
 
 
 def understand(params: RecipeParams, env: Env) -> Program:
@@ -14,6 +14,6 @@ def understand(params: RecipeParams, env: Env) -> Program:
     generator = torch.Generator().manual_seed(params.seed)
     main = cx.new("main")
     yield from prefill_image(env.cfg, main, params.image, vae=False, vit=True)
-    yield PrefillText(main, tok.segment(params.prompt))
-    answer, _ = yield from text_stage(cx, main, tok, "answer", 1, params, generator, env.observer)
+    yield from prefill_text(env, main, tok.segment(params.prompt))
+    answer, _ = yield from text_stage(env, main, "answer", 1, params, generator)
     return RecipeResult(texts=[answer], seed=params.seed)

@@ -101,8 +101,23 @@ class DecodeLatents:
     tokens: int = 0
 
 
+@dataclass(slots=True)
+class ReadKV:
+    """Inspection: the context's cached keys and values, per layer `[tokens, kv_heads, dim]`."""
+
+    ctx: Any
+    tokens: int = 0
+
+
 Work = (
-    PrefillText | PrefillLatent | PrefillVit | DecodeStep | Velocity | EncodeLatent | DecodeLatents
+    PrefillText
+    | PrefillLatent
+    | PrefillVit
+    | DecodeStep
+    | Velocity
+    | EncodeLatent
+    | DecodeLatents
+    | ReadKV
 )
 LM_WORK = (PrefillText, PrefillLatent, PrefillVit, DecodeStep, Velocity)
 Program = Generator[Work, Any, Any]

@@ -1,0 +1,118 @@
+"""KV cache bookkeeping: fixed-size blocks with reference counts, and sequences built from them.
+
+Plain Python, no torch: the runner owns the physical tensors and only ever receives block ids
+and slot numbers (`block * block_size + offset`) from here.
+
+- `BlockPool` hands out free blocks and takes them back when their count drops to zero.
+- `KVSequence` is one context's layout: a list of blocks, a token count and the next RoPE
+  position. `fork` shares every block (count + 1) instead of copying. `append` reserves slots for
+  new tokens; when the last block is shared and partly filled it is copied first (copy-on-write),
+  so a fork never sees tokens appended to another sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class OutOfBlocks(Exception):
+    """The pool cannot satisfy a request right now (callers wait or preempt)."""
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.refs = [0] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self.refs[b] = 1
+        return blocks
+
+    def retain(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.refs[b] <= 0:
+                raise ValueError(f"block {b} is not allocated")
+            self.refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.refs[b] <= 0:
+                raise ValueError(f"block {b} released more often than retained")
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self._free.append(b)
+
+
+@dataclass
+class Append:
+    """Where the new tokens of one append go, and which block copies must happen first."""
+
+    slots: list[int]
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src block, dst block)
+
+
+@dataclass(eq=False)  # identity semantics: two sequences are never "equal"
+class KVSequence:
+    name: str = ""
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+    rope: int = 0
+    freed: bool = False
+
+    def slots(self, pool: BlockPool, start: int = 0, end: int | None = None) -> list[int]:
+        """Slot numbers of tokens `start..end` of this sequence."""
+        bs = pool.block_size
+        end = self.length if end is None else end
+        return [self.blocks[i // bs] * bs + i % bs for i in range(start, end)]
+
+    def fork(self, pool: BlockPool, name: str) -> KVSequence:
+        pool.retain(self.blocks)
+        return KVSequence(name, list(self.blocks), self.length, self.rope)
+
+    def blocks_needed(self, pool: BlockPool, n: int) -> int:
+        """Blocks an append of n tokens would take from the pool (copy-on-write included)."""
+        bs = pool.block_size
+        used_in_last = self.length % bs
+        needed = -(-(self.length + n) // bs) - len(self.blocks)
+        if used_in_last and pool.refs[self.blocks[-1]] > 1:
+            needed += 1
+        return needed
+
+    def append(self, pool: BlockPool, n: int) -> Append:
+        """Reserve n new token slots at the end (all-or-nothing: raises `OutOfBlocks`)."""
+        bs = pool.block_size
+        needed = self.blocks_needed(pool, n)
+        if needed > pool.num_free:
+            raise OutOfBlocks(f"need {needed} blocks, {pool.num_free} free")
+        out = Append([])
+        if self.length % bs and pool.refs[self.blocks[-1]] > 1:
+            (fresh,) = pool.allocate(1)
+            out.copies.append((self.blocks[-1], fresh))
+            pool.release([self.blocks[-1]])
+            self.blocks[-1] = fresh
+        grow = -(-(self.length + n) // bs) - len(self.blocks)
+        self.blocks.extend(pool.allocate(grow))
+        start = self.length
+        self.length += n
+        out.slots = self.slots(pool, start, self.length)
+        return out
+
+    def free(self, pool: BlockPool) -> None:
+        if not self.freed:
+            pool.release(self.blocks)
+            self.blocks, self.length, self.freed = [], 0, True

@@ -1,0 +1,111 @@
+"""The asyncio face of the engine, for the server: submit, stream events, abort, stats, shutdown.
+
+The step loop runs in its own thread (model work never blocks the event loop). `submit` is called
+on the event loop; the engine thread hands each event back with `call_soon_threadsafe`, and
+`RequestStream` yields them in order until the final `Finished` / `Failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from irg_engine import events as ev
+from irg_engine.engine import Engine, EngineConfig, EngineStats
+from irg_engine.model.bagel import LoadedModel
+from irg_engine.recipes.params import RecipeParams
+from irg_engine.request import Request
+
+log = logging.getLogger("irg_engine")
+
+
+class RequestStream:
+    """The events of one request, in order; iteration ends after the final event."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.final: ev.Event | None = None
+
+    def push_threadsafe(self, event: ev.Event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def __aiter__(self) -> AsyncIterator[ev.Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ev.Event]:
+        while self.final is None:
+            event = await self._queue.get()
+            if isinstance(event, ev.FINAL):
+                self.final = event
+            yield event
+
+
+class EngineClient:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.engine = Engine(model, config)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="irg-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            try:
+                busy = engine.step()
+            except Exception as error:  # the loop itself must survive; fail what is in flight
+                log.exception("engine loop error")
+                engine.healthy, engine.fault = False, f"{type(error).__name__}: {error}"
+                engine.fail_all("engine_error", f"engine error: {error}")
+                busy = False
+            if not busy:
+                with engine.lock:
+                    if not engine.waiting and not engine._aborts:
+                        engine.wake.wait(timeout=0.05)
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Stop admitting, let in-flight requests finish up to the timeout, end the rest."""
+        with self.engine.lock:
+            self.engine.accepting = False
+        end = time.monotonic() + timeout_s
+        while not self.engine.idle and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self.engine.fail_all("shutdown", "server shutting down")
+
+    # -- requests -----------------------------------------------------------------------------
+    def submit(
+        self, params: RecipeParams, request_id: str | None = None, deadline: float | None = None
+    ) -> RequestStream:
+        """Queue a request; raises OverflowError when the queue is full, RuntimeError while
+        shutting down."""
+        stream = RequestStream(request_id or uuid.uuid4().hex, asyncio.get_running_loop())
+        self.engine.add(Request(stream.id, params, stream.push_threadsafe, deadline))
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def healthy(self) -> bool:
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.engine.healthy
+
+    @property
+    def fault(self) -> str | None:
+        return self.engine.fault

@@ -1,0 +1,380 @@
+"""The engine's step loop: admits requests, forms each step, runs it, advances every program.
+
+Data flow of one `step()`:
+1. aborts and deadlines end their requests (their KV blocks are freed at once);
+2. waiting requests are admitted up to `max_running`; each gets its recipe program;
+3. each running program is advanced past work that needs no shared forward (VAE encode/decode,
+   a system prompt found in the prefix cache) until it waits on model work;
+4. the `Scheduler` picks what runs under the token budget and the free KV blocks (or whom to
+   preempt); the `Runner` packs it into one forward;
+5. results go back into the programs; finished programs end their requests.
+A forward that raises is retried item by item, so a fault that belongs to one request ends only
+that request; when every item fails the engine records a fault (`healthy` turns false until a
+step succeeds). `client.py` wraps this loop in a thread with an asyncio interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import torch
+
+from irg_engine import events as ev
+from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.model.bagel import LoadedModel
+from irg_engine.recipes import program as recipe_program
+from irg_engine.recipes.work import (
+    LM_WORK,
+    DecodeLatents,
+    DecodeStep,
+    EncodeLatent,
+    Env,
+    PrefillText,
+    ReadKV,
+    Velocity,
+)
+from irg_engine.request import Request, RequestContexts, RequestObserver
+from irg_engine.runner import Runner, Scheduled
+from irg_engine.scheduler import Pending, Scheduler
+
+log = logging.getLogger("irg_engine")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_running: int = 16
+    max_waiting: int = 256
+    token_budget: int = 8192
+    block_size: int = 16
+    kv_tokens: int = 0  # 0: sized automatically (see `auto_kv_tokens`)
+    attention_backend: str = "sdpa"
+    prefix_cache_entries: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:
+            raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    steps: int
+    tokens_decoded: int
+    denoise_steps: int
+    healthy: bool
+    fault: str | None
+
+
+def auto_kv_tokens(model: LoadedModel) -> int:
+    """KV capacity: 40% of free GPU memory on CUDA, 256 MB worth on the CPU."""
+    lm = model.cfg.lm
+    per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * model.bagel.dtype.itemsize
+    if model.bagel.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.bagel.device)
+        budget = int(free * 0.4)
+    else:
+        budget = 256 * 2**20
+    return max(16 * 1024, budget // per_token)
+
+
+def _kind(item) -> str:
+    if isinstance(item, DecodeStep):
+        return "decode"
+    if isinstance(item, Velocity):
+        return "denoise"
+    return "prefill" if isinstance(item, PrefillText) else "block"
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.model, self.config = model, config or EngineConfig()
+        cfg = self.config
+        kv_tokens = cfg.kv_tokens or auto_kv_tokens(model)
+        self.pool = BlockPool(-(-kv_tokens // cfg.block_size), cfg.block_size)
+        self.runner = Runner(model, self.pool, cfg.attention_backend)
+        self.scheduler = Scheduler(cfg.token_budget, cfg.block_size)
+        self.prefix_cache: OrderedDict[tuple[int, ...], KVSequence] = OrderedDict()
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self._aborts: set[str] = set()
+        self._arrivals = 0
+        self.steps = self.tokens_decoded = self.denoise_steps = 0
+        self.healthy, self.fault = True, None
+        self.accepting = True
+
+    # -- thread-safe entry points -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        with self.lock:
+            if not self.accepting:
+                raise RuntimeError("engine is shutting down")
+            if len(self.waiting) >= self.config.max_waiting:
+                raise OverflowError(f"queue full ({self.config.max_waiting} waiting)")
+            self._arrivals += 1
+            request.arrival = self._arrivals
+            self.waiting.append(request)
+            request.emit(ev.Queued(len(self.waiting) - 1))
+            self.wake.notify()
+
+    def abort(self, request_id: str) -> bool:
+        with self.lock:
+            known = request_id in self.running or any(r.id == request_id for r in self.waiting)
+            if known:
+                self._aborts.add(request_id)
+                self.wake.notify()
+            return known
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            return EngineStats(
+                len(self.running),
+                len(self.waiting),
+                self.pool.num_used,
+                self.pool.num_blocks,
+                self.steps,
+                self.tokens_decoded,
+                self.denoise_steps,
+                self.healthy,
+                self.fault,
+            )
+
+    @property
+    def idle(self) -> bool:
+        with self.lock:
+            return not self.running and not self.waiting
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One iteration; returns False when there was nothing to do."""
+        self._end_aborted_and_late()
+        self._admit()
+        for req in list(self.running.values()):
+            self._advance_inline(req)
+        live = [r for r in self.running.values() if r.pending is not None]
+        if not live:
+            return bool(self.running)
+        pending = [
+            Pending(
+                r.id,
+                _kind(r.pending),
+                r.pending.tokens,
+                self._blocks_for(r.pending),
+                r.arrival,
+                r.contexts.blocks_held,
+            )
+            for r in live
+        ]
+        plan = self.scheduler.plan(pending, self.pool.num_free)
+        for rid in plan.preempt:
+            self._preempt(self.running[rid])
+        if not plan.run:
+            if not plan.preempt and not self._evict_prefix_cache():
+                for r in live:  # alone and still too big for the pool: can never run
+                    self._finish(
+                        r, ev.Failed("engine_error", "request does not fit in the KV cache")
+                    )
+            return True
+        batch = [
+            (self.running[rid], Scheduled(self.running[rid].pending, n)) for rid, n in plan.run
+        ]
+        self._run_batch(batch)
+        return True
+
+    def _blocks_for(self, item) -> int:
+        if isinstance(item, Velocity):
+            return 0
+        seq = item.ctx
+        return seq.blocks_needed(self.pool, item.tokens)
+
+    def _run_batch(self, batch: list[tuple[Request, Scheduled]]) -> None:
+        snapshots = [
+            (seq, list(seq.blocks), seq.length, seq.rope)
+            for _, s in batch
+            for seq in self._written(s.item)
+        ]
+        try:
+            self.runner.step([s for _, s in batch])
+        except Exception as error:  # isolate the request that caused it
+            log.exception("engine step failed; retrying item by item")
+            self._rollback(snapshots)
+            ok = 0
+            for req, sch in batch:
+                snap = [
+                    (seq, list(seq.blocks), seq.length, seq.rope) for seq in self._written(sch.item)
+                ]
+                try:
+                    self.runner.step([sch])
+                    ok += 1
+                    self._deliver(req, sch)
+                except Exception as single:
+                    self._rollback(snap)
+                    self._finish(req, ev.Failed("engine_error", f"model error: {single}"))
+            if ok == 0:
+                self.healthy, self.fault = False, f"{type(error).__name__}: {error}"
+            self.steps += 1
+            return
+        self.healthy, self.fault = True, None
+        self.steps += 1
+        for req, sch in batch:
+            self._deliver(req, sch)
+
+    @staticmethod
+    def _written(item) -> list[KVSequence]:
+        return [] if isinstance(item, Velocity) else [item.ctx]
+
+    def _rollback(self, snapshots) -> None:
+        for seq, blocks, length, rope in snapshots:
+            self.pool.retain(blocks)
+            self.pool.release(seq.blocks)
+            seq.blocks, seq.length, seq.rope = blocks, length, rope
+
+    def _deliver(self, req: Request, sch: Scheduled) -> None:
+        item = sch.item
+        if isinstance(item, DecodeStep):
+            self.tokens_decoded += 1
+        elif isinstance(item, Velocity):
+            self.denoise_steps += 1
+        elif isinstance(item, PrefillText):
+            req.usage["prompt_tokens"] += sch.tokens
+            if sch.tokens < len(item.ids):  # a chunk: the rest stays pending
+                item.ids = item.ids[sch.tokens :]
+                return
+            if req.prefix_key is not None:
+                self._store_prefix(req.prefix_key, item.ctx)
+                req.prefix_key = None
+        self._send(req, sch.result)
+
+    # -- programs -----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting and len(self.running) < self.config.max_running:
+                req = self.waiting.popleft()
+                self.running[req.id] = req
+        for req in self.running.values():
+            if req.program is None and not req.finished:
+                self._start(req)
+
+    def _start(self, req: Request) -> None:
+        if not req.started:
+            req.started = True
+            req.timings["queue"] = time.monotonic() - req.submitted
+            req.emit(ev.Started(req.timings["queue"]))
+        req.contexts = RequestContexts(self.pool)
+        env = Env(
+            self.model.tokenizer,
+            self.model.cfg,
+            req.contexts,
+            RequestObserver(req, self.model.tokenizer, req.observer),
+        )
+        if req.program_factory is not None:
+            req.program = req.program_factory(env)
+        else:
+            req.program = recipe_program(req.params, env)
+        self._send(req, None, first=True)
+
+    def _send(self, req: Request, result, first: bool = False) -> None:
+        try:
+            req.pending = next(req.program) if first else req.program.send(result)
+        except StopIteration as stop:
+            req.result = stop.value
+            self._finish(req, req.summary())
+        except Exception as error:  # a bug or bad input ends this request only
+            log.exception("request %s failed", req.id)
+            self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
+
+    def _advance_inline(self, req: Request) -> None:
+        """Run the work that needs no shared forward until the program waits on the model."""
+        while req.pending is not None and not isinstance(req.pending, LM_WORK):
+            item = req.pending
+            try:
+                if isinstance(item, EncodeLatent):
+                    result = self.runner.encode_latent(item.image)
+                elif isinstance(item, DecodeLatents):
+                    result = self.runner.decode_latents(item.x, item.grid)
+                elif isinstance(item, ReadKV):
+                    result = self.runner.read_kv(item.ctx)
+                else:
+                    raise TypeError(f"unknown work item {type(item).__name__}")
+            except Exception as error:
+                log.exception("request %s failed", req.id)
+                self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
+                return
+            self._send(req, result)
+        item = req.pending
+        if isinstance(item, PrefillText) and item.shared and item.ctx.length == 0:
+            key = tuple(item.ids)
+            cached = self.prefix_cache.get(key)
+            if cached is None:
+                req.prefix_key = key
+                return
+            self.prefix_cache.move_to_end(key)
+            seq = item.ctx
+            self.pool.retain(cached.blocks)
+            seq.blocks, seq.length, seq.rope = list(cached.blocks), cached.length, cached.rope
+            req.usage["prompt_tokens"] += len(item.ids)
+            self._send(req, None)
+            self._advance_inline(req)
+
+    def _store_prefix(self, key: tuple[int, ...], seq: KVSequence) -> None:
+        if key in self.prefix_cache or self.config.prefix_cache_entries == 0:
+            return
+        self.prefix_cache[key] = seq.fork(self.pool, "prefix")
+        while len(self.prefix_cache) > self.config.prefix_cache_entries:
+            self.prefix_cache.popitem(last=False)[1].free(self.pool)
+
+    def _evict_prefix_cache(self) -> bool:
+        if not self.prefix_cache:
+            return False
+        self.prefix_cache.popitem(last=False)[1].free(self.pool)
+        return True
+
+    def clear_prefix_cache(self) -> None:
+        while self._evict_prefix_cache():
+            pass
+
+    # -- endings ------------------------------------------------------------------------------
+    def _preempt(self, req: Request) -> None:
+        log.info("preempting request %s (KV pool full); it will be recomputed", req.id)
+        req.reset_for_recompute()
+
+    def _finish(self, req: Request, event: ev.Event) -> None:
+        req.finish(event)
+        with self.lock:
+            self.running.pop(req.id, None)
+
+    def _end_aborted_and_late(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            aborts, self._aborts = self._aborts, set()
+            everyone = list(self.running.values()) + list(self.waiting)
+        for req in everyone:
+            if req.id in aborts:
+                event = ev.Failed("aborted", "request aborted")
+            elif req.deadline is not None and now > req.deadline:
+                event = ev.Failed("timeout", "request deadline exceeded")
+            else:
+                continue
+            with self.lock:
+                if req in self.waiting:
+                    self.waiting.remove(req)
+            self._finish(req, event)
+
+    def fail_all(self, code: str, message: str) -> None:
+        with self.lock:
+            everyone = list(self.running.values()) + list(self.waiting)
+            self.waiting.clear()
+        for req in everyone:
+            self._finish(req, ev.Failed(code, message))
+
+    def run_until_idle(self) -> None:
+        """Step in the calling thread until every request has ended (tests, benchmarks)."""
+        while not self.idle:
+            self.step()

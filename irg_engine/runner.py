@@ -1,0 +1,200 @@
+"""Executes one engine step: packs the chosen work of many requests into one model forward.
+
+Owns the physical KV cache (per layer `[slots, kv_heads, head_dim]` for keys and values, slot =
+block * block_size + offset, as `block_pool.py` hands them out). For each step it
+1. turns every scheduled item into rows (text tokens, image blocks, one row group per guidance
+   branch of a denoising step) and one attention segment per row group, reserving KV slots for
+   the segments that write (copy-on-write copies happen first);
+2. runs the model once over all rows: tokens are routed to their expert inside each layer, and
+   attention runs per segment through `PagedPlan`, which writes the new keys into the cache and
+   gathers each segment's context by slot;
+3. hands each item its result (logits of a decode row, velocities of a denoising step).
+VAE encodes/decodes and the ViT encoder run per item, outside the shared forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from irg_engine import images
+from irg_engine.attention import segment_attention
+from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.model.bagel import LoadedModel
+from irg_engine.recipes.context import decode_latents, encode_latent
+from irg_engine.recipes.work import DecodeStep, PrefillLatent, PrefillText, PrefillVit, Velocity
+
+
+@dataclass(slots=True)
+class Segment:
+    start: int
+    end: int
+    causal: bool
+    ctx_slots: torch.Tensor  # slots of the context tokens before this segment
+    own_slots: torch.Tensor | None  # where this segment's keys are written (None: not written)
+
+
+class PagedPlan:
+    """The attention plan of one packed forward over the paged cache."""
+
+    def __init__(self, runner: Runner, segments: list[Segment]) -> None:
+        self.runner, self.segments = runner, segments
+        written = [s for s in segments if s.own_slots is not None]
+        dev = runner.device
+        self.write_rows = (
+            torch.cat([torch.arange(s.start, s.end) for s in written]).to(dev) if written else None
+        )
+        self.write_slots = torch.cat([s.own_slots for s in written]) if written else None
+        self.full_slots = {id(s): torch.cat([s.ctx_slots, s.own_slots]) for s in written}
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.runner.keys[layer], self.runner.values[layer]
+        if self.write_rows is not None:
+            kc.index_copy_(0, self.write_slots, k.index_select(0, self.write_rows).to(kc.dtype))
+            vc.index_copy_(0, self.write_slots, v.index_select(0, self.write_rows).to(vc.dtype))
+        out = torch.empty_like(q)
+        for s in self.segments:
+            if s.own_slots is not None:
+                slots = self.full_slots[id(s)]
+                ks, vs = kc.index_select(0, slots), vc.index_select(0, slots)
+            else:
+                ks = torch.cat([kc.index_select(0, s.ctx_slots), k[s.start : s.end].to(kc.dtype)])
+                vs = torch.cat([vc.index_select(0, s.ctx_slots), v[s.start : s.end].to(vc.dtype)])
+            out[s.start : s.end] = segment_attention(
+                q[s.start : s.end], ks.to(q.dtype), vs.to(q.dtype), s.causal, self.runner.backend
+            )
+        return out
+
+
+@dataclass(slots=True)
+class Scheduled:
+    """One item of one request in this step; `tokens` < item tokens only for a prefill chunk."""
+
+    item: Any
+    tokens: int
+    result: Any = None
+
+
+class Runner:
+    def __init__(self, model: LoadedModel, pool: BlockPool, backend: str = "sdpa") -> None:
+        self.model, self.pool, self.backend = model, pool, backend
+        lm = model.cfg.lm
+        slots = pool.num_blocks * pool.block_size
+        dev, dt = model.bagel.device, model.bagel.dtype
+        self.device = dev
+        self.keys = [
+            torch.zeros(slots, lm.num_kv_heads, lm.head_dim, device=dev, dtype=dt)
+            for _ in range(lm.num_layers)
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+
+    # -- work outside the shared forward ------------------------------------------------------
+    @torch.no_grad()
+    def encode_latent(self, image) -> torch.Tensor:
+        return encode_latent(self.model, image)
+
+    @torch.no_grad()
+    def decode_latents(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return decode_latents(self.model, x, grid)
+
+    def read_kv(self, seq: KVSequence) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        slots = self._context_slots(seq)
+        return (
+            [k.index_select(0, slots).float().cpu() for k in self.keys],
+            [v.index_select(0, slots).float().cpu() for v in self.values],
+        )
+
+    # -- the shared forward -------------------------------------------------------------------
+    def _reserve(self, seq: KVSequence, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = torch.tensor(seq.slots(self.pool), dtype=torch.long, device=self.device)
+        reserved = seq.append(self.pool, n)
+        bs = self.pool.block_size
+        for src, dst in reserved.copies:
+            for cache in (*self.keys, *self.values):
+                cache[dst * bs : (dst + 1) * bs] = cache[src * bs : (src + 1) * bs]
+        return ctx, torch.tensor(reserved.slots, dtype=torch.long, device=self.device)
+
+    def _context_slots(self, seq: KVSequence) -> torch.Tensor:
+        return torch.tensor(seq.slots(self.pool), dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def step(self, batch: list[Scheduled]) -> None:
+        """Run one packed forward for the batch and store each item's result on it."""
+        bagel, tok = self.model.bagel, self.model.tokenizer
+        dev = self.device
+        markers = bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end], device=dev))
+        rows: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        gen: list[torch.Tensor] = []
+        segments: list[Segment] = []
+        outputs: list[tuple[Scheduled, list[tuple[int, int]]]] = []
+        n = 0
+
+        def add(x, pos, is_gen, causal, ctx_slots, own_slots) -> tuple[int, int]:
+            nonlocal n
+            rows.append(x)
+            positions.append(pos)
+            gen.append(is_gen)
+            segments.append(Segment(n, n + x.shape[0], causal, ctx_slots, own_slots))
+            n += x.shape[0]
+            return n - x.shape[0], n
+
+        def block(inner, is_gen: bool, rope: int):
+            x = torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])
+            mask = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
+            mask[1:-1] = is_gen
+            return x, torch.full((x.shape[0],), rope, dtype=torch.long, device=dev), mask
+
+        for sch in batch:
+            item = sch.item
+            spans = []
+            if isinstance(item, (PrefillText, DecodeStep)):
+                ids = item.ids[: sch.tokens] if isinstance(item, PrefillText) else [item.token]
+                seq = item.ctx
+                pos = torch.arange(seq.rope, seq.rope + len(ids), device=dev)
+                ctx, own = self._reserve(seq, len(ids))
+                x = bagel.embed_text(torch.tensor(ids, dtype=torch.long, device=dev))
+                spans.append(
+                    add(x, pos, torch.zeros(len(ids), dtype=torch.bool, device=dev), True, ctx, own)
+                )
+                seq.rope += len(ids)
+            elif isinstance(item, (PrefillLatent, PrefillVit)):
+                seq = item.ctx
+                if isinstance(item, PrefillLatent):
+                    inner = self._latent_rows(item.latent, 0.0)
+                else:
+                    inner = bagel.embed_vit(item.patches.to(dev), item.ids.to(dev))
+                x, pos, mask = block(inner, isinstance(item, PrefillLatent), seq.rope)
+                ctx, own = self._reserve(seq, x.shape[0])
+                add(x, pos, mask, False, ctx, own)
+                seq.rope += 1
+            elif isinstance(item, Velocity):
+                inner = self._latent_rows(item.x, item.t, item.grid)
+                for seq in item.contexts:
+                    x, pos, mask = block(inner, True, seq.rope)
+                    spans.append(add(x, pos, mask, False, self._context_slots(seq), None))
+            outputs.append((sch, spans))
+        hidden = bagel(
+            torch.cat(rows), torch.cat(positions), torch.cat(gen), PagedPlan(self, segments)
+        )
+        for sch, spans in outputs:
+            if isinstance(sch.item, DecodeStep):
+                sch.result = bagel.logits(hidden[spans[0][1] - 1]).cpu()
+            elif isinstance(sch.item, Velocity):
+                sch.result = [bagel.velocity(hidden[a + 1 : b - 1]).cpu() for a, b in spans]
+
+    def _latent_rows(self, latent_or_tokens: torch.Tensor, t: float, grid=None) -> torch.Tensor:
+        cfg = self.model.cfg
+        dev = self.device
+        if grid is None:  # a clean latent [1, C, 2h, 2w] entering as context
+            p = cfg.latent_patch_size
+            grid = (latent_or_tokens.shape[-2] // p, latent_or_tokens.shape[-1] // p)
+            tokens = images.patchify_latent(latent_or_tokens, p)
+        else:
+            tokens = latent_or_tokens
+        h, w = grid
+        pos = images.latent_position_ids(h, w, cfg.max_latent_size).to(dev)
+        tt = torch.full((h * w,), float(t), device=dev)
+        return self.model.bagel.embed_latents(tokens.to(dev), tt, pos)

@@ -1,0 +1,94 @@
+"""Block bookkeeping: allocation, sharing by reference count, copy-on-write, no leaks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from irg_engine.block_pool import BlockPool, KVSequence, OutOfBlocks
+
+
+def test_allocate_and_release_round_trip():
+    pool = BlockPool(4, 8)
+    blocks = pool.allocate(3)
+    assert pool.num_free == 1 and len(set(blocks)) == 3
+    with pytest.raises(OutOfBlocks):
+        pool.allocate(2)
+    pool.release(blocks)
+    assert pool.num_free == 4
+    with pytest.raises(ValueError):
+        pool.release(blocks[:1])
+
+
+def test_append_fills_blocks_then_grows():
+    pool = BlockPool(10, 4)
+    seq = KVSequence()
+    a = seq.append(pool, 6)
+    assert len(seq.blocks) == 2 and seq.length == 6 and not a.copies
+    assert a.slots == seq.slots(pool)
+    b = seq.append(pool, 2)
+    assert len(seq.blocks) == 2 and len(b.slots) == 2
+    assert b.slots == [seq.blocks[1] * 4 + 2, seq.blocks[1] * 4 + 3]
+
+
+def test_fork_shares_and_copy_on_write_protects_the_other():
+    pool = BlockPool(10, 4)
+    main = KVSequence("main")
+    main.append(pool, 6)  # blocks: full, half
+    fork = main.fork(pool, "fork")
+    assert pool.refs[main.blocks[0]] == 2 and pool.num_used == 2
+    a = fork.append(pool, 1)
+    assert a.copies == [(main.blocks[1], fork.blocks[1])]  # the partial block is copied
+    assert fork.blocks[0] == main.blocks[0] and fork.blocks[1] != main.blocks[1]
+    assert pool.refs[main.blocks[1]] == 1
+    b = main.append(pool, 1)  # no longer shared: written in place
+    assert not b.copies
+    fork.free(pool)
+    main.free(pool)
+    assert pool.num_free == 10
+
+
+def test_full_blocks_are_shared_without_copies():
+    pool = BlockPool(10, 4)
+    main = KVSequence()
+    main.append(pool, 8)
+    fork = main.fork(pool, "f")
+    a = fork.append(pool, 3)
+    assert not a.copies and fork.blocks[:2] == main.blocks
+    assert main.blocks_needed(pool, 1) == 1
+
+
+def test_append_is_all_or_nothing():
+    pool = BlockPool(2, 4)
+    seq = KVSequence()
+    seq.append(pool, 5)
+    with pytest.raises(OutOfBlocks):
+        seq.append(pool, 4)
+    assert seq.length == 5 and pool.num_free == 0
+
+
+def test_random_forks_and_frees_never_leak():
+    rng = random.Random(0)
+    pool = BlockPool(64, 4)
+    live: list[KVSequence] = [KVSequence()]
+    for _ in range(2000):
+        op = rng.random()
+        seq = rng.choice(live)
+        try:
+            if op < 0.5:
+                seq.append(pool, rng.randint(1, 6))
+            elif op < 0.75 and len(live) < 12:
+                live.append(seq.fork(pool, "f"))
+            elif len(live) > 1:
+                live.remove(seq)
+                seq.free(pool)
+        except OutOfBlocks:
+            victim = live.pop(rng.randrange(len(live)))
+            victim.free(pool)
+            if not live:
+                live.append(KVSequence())
+        assert sum(pool.refs) == sum(len(s.blocks) for s in live)
+    for seq in live:
+        seq.free(pool)
+    assert pool.num_free == pool.num_blocks and not any(pool.refs)
