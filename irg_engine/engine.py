@@ -107,7 +107,7 @@ class Engine:
         self.wake = threading.Condition(self.lock)
         self._aborts: set[str] = set()
         self._arrivals = 0
-        self.steps = self.tokens_decoded = self.denoise_steps = 0
+        self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
         self.healthy, self.fault = True, None
         self.accepting = True
 
@@ -343,6 +343,7 @@ class Engine:
     # -- endings ------------------------------------------------------------------------------
     def _preempt(self, req: Request) -> None:
         log.info("preempting request %s (KV pool full); it will be recomputed", req.id)
+        self.preemptions += 1
         req.reset_for_recompute()
 
     def _finish(self, req: Request, event: ev.Event) -> None:
