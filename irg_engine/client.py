@@ -84,6 +84,7 @@ class EngineClient:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         self.engine.fail_all("shutdown", "server shutting down")
+        self.engine.close()
 
     # -- requests -----------------------------------------------------------------------------
     def submit(

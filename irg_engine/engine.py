@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,8 @@ class Engine:
         self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
         self.healthy, self.fault = True, None
         self.accepting = True
+        self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="irg-vae")
+        self._aux_jobs: dict[str, tuple[Future, object]] = {}
 
     # -- thread-safe entry points -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -156,10 +159,13 @@ class Engine:
         """One iteration; returns False when there was nothing to do."""
         self._end_aborted_and_late()
         self._admit()
+        self._collect_aux()
         for req in list(self.running.values()):
             self._advance_inline(req)
-        live = [r for r in self.running.values() if r.pending is not None]
+        live = [r for r in self.running.values() if isinstance(r.pending, LM_WORK)]
         if not live:
+            if self._aux_jobs:  # only image encodes/decodes in flight: wait for one
+                wait([job for job, _ in self._aux_jobs.values()], 0.05, FIRST_COMPLETED)
             return bool(self.running)
         pending = [
             Pending(
@@ -176,11 +182,13 @@ class Engine:
         for rid in plan.preempt:
             self._preempt(self.running[rid])
         if not plan.run:
-            if not plan.preempt and not self._evict_prefix_cache():
-                for r in live:  # alone and still too big for the pool: can never run
-                    self._finish(
-                        r, ev.Failed("engine_error", "request does not fit in the KV cache")
-                    )
+            if plan.preempt or self._evict_prefix_cache():
+                return True
+            if self._aux_jobs:  # others are encoding/decoding images; their blocks may free up
+                wait([job for job, _ in self._aux_jobs.values()], 0.05, FIRST_COMPLETED)
+                return True
+            for r in live:  # alone and still too big for the pool: can never run
+                self._finish(r, ev.Failed("engine_error", "request does not fit in the KV cache"))
             return True
         batch = [
             (self.running[rid], Scheduled(self.running[rid].pending, n)) for rid, n in plan.run
@@ -291,23 +299,23 @@ class Engine:
             self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
 
     def _advance_inline(self, req: Request) -> None:
-        """Run the work that needs no shared forward until the program waits on the model."""
-        while req.pending is not None and not isinstance(req.pending, LM_WORK):
-            item = req.pending
-            try:
+        """Advance the program past work that needs no shared forward.
+
+        VAE encodes and decodes go to a worker thread, so the step loop keeps batching everyone
+        else's model work meanwhile (on a GPU they queue behind it; on a CPU they use another
+        core); the program resumes when `_collect_aux` finds the result.
+        """
+        while isinstance(req.pending, ReadKV):
+            self._send(req, self.runner.read_kv(req.pending.ctx))
+        item = req.pending
+        if isinstance(item, (EncodeLatent, DecodeLatents)):
+            if req.id not in self._aux_jobs:
                 if isinstance(item, EncodeLatent):
-                    result = self.runner.encode_latent(item.image)
-                elif isinstance(item, DecodeLatents):
-                    result = self.runner.decode_latents(item.x, item.grid)
-                elif isinstance(item, ReadKV):
-                    result = self.runner.read_kv(item.ctx)
+                    job = self._aux.submit(self.runner.encode_latent, item.image)
                 else:
-                    raise TypeError(f"unknown work item {type(item).__name__}")
-            except Exception as error:
-                log.exception("request %s failed", req.id)
-                self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
-                return
-            self._send(req, result)
+                    job = self._aux.submit(self.runner.decode_latents, item.x, item.grid)
+                self._aux_jobs[req.id] = (job, req.program)
+            return
         item = req.pending
         if isinstance(item, PrefillText) and item.shared and item.ctx.length == 0:
             key = tuple(item.ids)
@@ -322,6 +330,25 @@ class Engine:
             req.usage["prompt_tokens"] += len(item.ids)
             self._send(req, None)
             self._advance_inline(req)
+
+    def _collect_aux(self) -> None:
+        for rid, (job, program) in list(self._aux_jobs.items()):
+            if not job.done():
+                continue
+            del self._aux_jobs[rid]
+            req = self.running.get(rid)
+            if req is None or req.program is not program:  # ended or restarted meanwhile
+                continue
+            try:
+                result = job.result()
+            except Exception as error:
+                log.exception("request %s failed", rid)
+                self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
+                continue
+            self._send(req, result)
+
+    def close(self) -> None:
+        self._aux.shutdown(wait=True, cancel_futures=True)
 
     def _store_prefix(self, key: tuple[int, ...], seq: KVSequence) -> None:
         if key in self.prefix_cache or self.config.prefix_cache_entries == 0:
@@ -347,9 +374,11 @@ class Engine:
         req.reset_for_recompute()
 
     def _finish(self, req: Request, event: ev.Event) -> None:
-        req.finish(event)
+        # Leave the running set before the final event goes out: whoever reads it then sees
+        # stats without this request.
         with self.lock:
             self.running.pop(req.id, None)
+        req.finish(event)
 
     def _end_aborted_and_late(self) -> None:
         now = time.monotonic()

@@ -177,6 +177,7 @@ class EngineExecutor(Executor):
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.engine.close()
 
 
 def run_case(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from irg_engine import images
 from irg_engine.attention import segment_attention
@@ -37,17 +38,37 @@ class Segment:
 
 
 class PagedPlan:
-    """The attention plan of one packed forward over the paged cache."""
+    """The attention plan of one packed forward over the paged cache.
+
+    Decode rows (one causal query each) are gathered into one padded batch and attended with a
+    single SDPA call per layer; every other segment is attended on its own.
+    """
 
     def __init__(self, runner: Runner, segments: list[Segment]) -> None:
-        self.runner, self.segments = runner, segments
-        written = [s for s in segments if s.own_slots is not None]
+        self.runner = runner
         dev = runner.device
+        written = [s for s in segments if s.own_slots is not None]
         self.write_rows = (
             torch.cat([torch.arange(s.start, s.end) for s in written]).to(dev) if written else None
         )
         self.write_slots = torch.cat([s.own_slots for s in written]) if written else None
         self.full_slots = {id(s): torch.cat([s.ctx_slots, s.own_slots]) for s in written}
+        decodes = [
+            s for s in segments if s.causal and s.end - s.start == 1 and s.own_slots is not None
+        ]
+        self.others = [s for s in segments if not any(s is d for d in decodes)]
+        self.decode_rows = None
+        if len(decodes) > 1:
+            slots = [self.full_slots[id(s)] for s in decodes]
+            longest = max(len(x) for x in slots)
+            self.decode_rows = torch.tensor([s.start for s in decodes], device=dev)
+            self.decode_index = torch.zeros(len(decodes), longest, dtype=torch.long, device=dev)
+            self.decode_mask = torch.zeros(len(decodes), longest, dtype=torch.bool, device=dev)
+            for i, x in enumerate(slots):
+                self.decode_index[i, : len(x)] = x
+                self.decode_mask[i, : len(x)] = True
+        else:
+            self.others = segments
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.runner.keys[layer], self.runner.values[layer]
@@ -55,7 +76,9 @@ class PagedPlan:
             kc.index_copy_(0, self.write_slots, k.index_select(0, self.write_rows).to(kc.dtype))
             vc.index_copy_(0, self.write_slots, v.index_select(0, self.write_rows).to(vc.dtype))
         out = torch.empty_like(q)
-        for s in self.segments:
+        if self.decode_rows is not None:
+            out[self.decode_rows] = self._decode_batch(q, kc, vc)
+        for s in self.others:
             if s.own_slots is not None:
                 slots = self.full_slots[id(s)]
                 ks, vs = kc.index_select(0, slots), vc.index_select(0, slots)
@@ -66,6 +89,21 @@ class PagedPlan:
                 q[s.start : s.end], ks.to(q.dtype), vs.to(q.dtype), s.causal, self.runner.backend
             )
         return out
+
+    def _decode_batch(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """All decode queries at once: padded gather of their contexts, one masked SDPA call."""
+        b, length = self.decode_index.shape
+        ks = kc[self.decode_index.flatten()].view(b, length, *kc.shape[1:]).transpose(1, 2)
+        vs = vc[self.decode_index.flatten()].view(b, length, *vc.shape[1:]).transpose(1, 2)
+        qs = q[self.decode_rows].unsqueeze(2)  # [b, heads, 1, dim]
+        out = F.scaled_dot_product_attention(
+            qs,
+            ks.to(q.dtype),
+            vs.to(q.dtype),
+            attn_mask=self.decode_mask[:, None, None, :],
+            enable_gqa=qs.shape[1] != ks.shape[1],
+        )
+        return out.squeeze(2)
 
 
 @dataclass(slots=True)
@@ -108,7 +146,7 @@ class Runner:
 
     # -- the shared forward -------------------------------------------------------------------
     def _reserve(self, seq: KVSequence, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = torch.tensor(seq.slots(self.pool), dtype=torch.long, device=self.device)
+        ctx = self._context_slots(seq)
         reserved = seq.append(self.pool, n)
         bs = self.pool.block_size
         for src, dst in reserved.copies:
@@ -117,7 +155,10 @@ class Runner:
         return ctx, torch.tensor(reserved.slots, dtype=torch.long, device=self.device)
 
     def _context_slots(self, seq: KVSequence) -> torch.Tensor:
-        return torch.tensor(seq.slots(self.pool), dtype=torch.long, device=self.device)
+        bs = self.pool.block_size
+        blocks = torch.tensor(seq.blocks, dtype=torch.long)
+        slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: seq.length]
+        return slots.to(self.device)
 
     @torch.no_grad()
     def step(self, batch: list[Scheduled]) -> None:
@@ -179,9 +220,15 @@ class Runner:
         hidden = bagel(
             torch.cat(rows), torch.cat(positions), torch.cat(gen), PagedPlan(self, segments)
         )
+        decode_rows = [
+            spans[0][1] - 1 for sch, spans in outputs if isinstance(sch.item, DecodeStep)
+        ]
+        if decode_rows:  # one lm_head pass for every decode row: the vocabulary matrix is read once
+            logits = bagel.logits(hidden[decode_rows]).cpu()
+            rows_iter = iter(logits)
         for sch, spans in outputs:
             if isinstance(sch.item, DecodeStep):
-                sch.result = bagel.logits(hidden[spans[0][1] - 1]).cpu()
+                sch.result = next(rows_iter)
             elif isinstance(sch.item, Velocity):
                 sch.result = [bagel.velocity(hidden[a + 1 : b - 1]).cpu() for a, b in spans]
 

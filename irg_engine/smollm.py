@@ -95,8 +95,9 @@ def lm_config(reader, extra_tokens: int = len(EXTRA_TOKENS)) -> LMConfig:
     arch = _meta(reader, "general.architecture")
     if arch != "llama":
         raise SmolLMError(f"expected a llama GGUF, got architecture {arch!r}")
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    vocab = int(_meta(reader, "llama.vocab_size", len(tokens.data)))
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise SmolLMError("GGUF metadata has no tokenizer.ggml.tokens (no vocabulary)")
+    vocab = int(_meta(reader, "llama.vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data)))
     heads = int(_meta(reader, "llama.attention.head_count"))
     hidden = int(_meta(reader, "llama.embedding_length"))
     cfg = LMConfig(
@@ -111,6 +112,9 @@ def lm_config(reader, extra_tokens: int = len(EXTRA_TOKENS)) -> LMConfig:
         qk_norm=False,
         qkv_bias=True,  # our layer has biases; they are set to zero
     )
+    scaling = _meta(reader, "llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise SmolLMError(f"RoPE scaling {scaling!r} is not supported")
     rope_dims = int(_meta(reader, "llama.rope.dimension_count", cfg.head_dim))
     if rope_dims != cfg.head_dim:
         raise SmolLMError(f"partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")

@@ -67,10 +67,17 @@ def prefill_image(
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise one draw from softmax(logits / temperature).
+
+    The draw inverts the CDF with one uniform number: exact, and several times faster than
+    `torch.multinomial` over a 152k vocabulary on a CPU.
+    """
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)
+    cdf = probs.cumsum(0)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
 
 
 def decode(
