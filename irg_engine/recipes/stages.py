@@ -74,8 +74,8 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     """
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)
-    cdf = probs.cumsum(0)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    cdf = probs.double().cumsum(0)  # float64 sums: no drift over 152k terms
     u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
     return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
 

@@ -1,0 +1,262 @@
+"""Full-size benchmark (GPU): the BAGEL-7B-MoT architecture with random bf16 weights.
+
+    python bench/engine_bench.py --preset bagel-7b --random-weights [--json]
+    python bench/gpu_bench.py --shape tiny --device cpu      (a smoke test of this script)
+
+Nothing is downloaded: the model is built at full size on the device with random weights (the
+real Qwen2.5 tokenizer is built offline). It measures, next to the floors of DESIGN.md section 7:
+- one denoising pass at 1024x1024 (4096 latent tokens against a 512-token context): time and
+  TFLOP/s (matmul + attention FLOPs of the generation expert);
+- decode steps at 1, 8 and 32 requests over ~600-token contexts: time per step, tokens/s;
+- one IRG request alone (per-stage times) and throughput of `--concurrent` IRG requests.
+Timesteps and think lengths are flags so that the whole script fits in one short device call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from irg_engine import events
+from irg_engine.config import BagelConfig, LMConfig, ViTConfig
+from irg_engine.engine import Engine, EngineConfig
+from irg_engine.model.bagel import Bagel, LoadedModel
+from irg_engine.model.embed import sincos_2d
+from irg_engine.model.vae import AutoEncoder, VaeConfig
+from irg_engine.qwen_vocab import build_qwen_tokenizer
+from irg_engine.recipes import RecipeParams
+from irg_engine.recipes.params import Observer
+from irg_engine.recipes.work import DecodeStep, PrefillText, Velocity
+from irg_engine.request import Request, RequestContexts
+from irg_engine.runner import Scheduled
+from irg_engine.tiny import tiny_config
+from irg_engine.tokenizer import Tokenizer
+
+# DESIGN.md section 7 (one H200, bf16): measured naive eager numbers and their floors.
+FLOORS = {"denoise_1024_ms": 81.0, "decode_1_ms": 3.1, "decode_32_ms": 3.3}
+ANCHORS = {"denoise_1024_ms": 102.0, "decode_1_ms": 13.5, "decode_32_ms": 14.8}
+
+
+def bagel_7b() -> BagelConfig:
+    return BagelConfig(
+        lm=LMConfig(
+            hidden_size=3584,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            intermediate_size=18944,
+            vocab_size=152064,
+        ),
+        vit=ViTConfig(hidden_size=1152, num_heads=16, intermediate_size=4304, num_layers=26),
+        vae=VaeConfig(),
+    )
+
+
+def random_model(cfg: BagelConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    with torch.device("meta"):
+        bagel, vae = Bagel(cfg), AutoEncoder(cfg.vae)
+    bagel.to_empty(device=device)
+    vae.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for module in (bagel, vae):
+            for name, p in module.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0 if "norm" in name else 0.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+        bagel.latent_pos.pos_embed.copy_(sincos_2d(cfg.lm.hidden_size, cfg.max_latent_size))
+        bagel.vit.pos_table.pos_embed.copy_(
+            sincos_2d(cfg.lm.hidden_size, cfg.vit.max_patches_per_side)
+        )
+    bagel.to(dtype)
+    return LoadedModel(
+        bagel.eval(),
+        vae.eval(),
+        Tokenizer(build_qwen_tokenizer()),
+        name="bagel-7b (random weights)",
+        random_weights=True,
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeat: int) -> float:
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def denoise_flops(cfg: BagelConfig, queries: int, context: int) -> float:
+    lm = cfg.lm
+    h, d = lm.hidden_size, lm.head_dim
+    per_token = (
+        2 * h * lm.num_heads * d + 2 * h * lm.num_kv_heads * d + 3 * h * lm.intermediate_size
+    )
+    attention = 4 * queries * (queries + context) * d * lm.num_heads
+    return 2 * queries * per_token * lm.num_layers + attention * lm.num_layers
+
+
+def bench_denoise(model: LoadedModel, engine: Engine, size: int, repeat: int) -> dict:
+    cfg = model.cfg
+    ctx = RequestContexts(engine.pool)
+    seq = ctx.new("context")
+    engine.runner.step([Scheduled(PrefillText(seq, list(range(100, 612))), 512)])
+    grid = (size // 16, size // 16)
+    x = torch.randn(grid[0] * grid[1], cfg.latent_token_dim)
+    seconds = timed(
+        lambda: engine.runner.step([Scheduled(Velocity([seq], x, 0.5, grid), 1)]),
+        model.bagel.device,
+        repeat,
+    )
+    three = timed(
+        lambda: engine.runner.step([Scheduled(Velocity([seq, seq, seq], x, 0.5, grid), 1)]),
+        model.bagel.device,
+        repeat,
+    )
+    ctx.free_all()
+    flops = denoise_flops(cfg, grid[0] * grid[1] + 2, 512)
+    return {
+        "denoise_ms": seconds * 1e3,
+        "denoise_tflops": flops / seconds / 1e12,
+        "denoise_3_branches_ms": three * 1e3,
+    }
+
+
+def bench_decode(model: LoadedModel, engine: Engine, batch: int, context: int, steps: int) -> dict:
+    ctx = RequestContexts(engine.pool)
+    seqs = [ctx.new(f"r{i}") for i in range(batch)]
+    for seq in seqs:
+        engine.runner.step(
+            [Scheduled(PrefillText(seq, list(range(1000, 1000 + context))), context)]
+        )
+    step = lambda: engine.runner.step([Scheduled(DecodeStep(s, 42), 1) for s in seqs])  # noqa: E731
+    seconds = timed(step, model.bagel.device, steps)
+    ctx.free_all()
+    return {f"decode_{batch}_ms": seconds * 1e3, f"decode_{batch}_tokens_per_s": batch / seconds}
+
+
+class StageClock(Observer):
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.marks: dict[str, float] = {}
+
+    def text_done(self, out, generated) -> None:
+        self.marks[f"{out.stage}{out.round}_done_s"] = time.perf_counter() - self.start
+
+    def image_done(self, round, tokens, decoded, out) -> None:
+        self.marks[f"image{round}_done_s"] = time.perf_counter() - self.start
+
+
+def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
+    engine = Engine(model, config)
+    clocks, finals = [], []
+    start = time.perf_counter()
+    for i in range(n):
+        clock = StageClock()
+        clocks.append(clock)
+        params = RecipeParams(
+            f"a bench prompt number {i}",
+            width=args.size,
+            height=args.size,
+            num_timesteps=args.timesteps,
+            max_think_tokens=args.think_tokens,
+            seed=i,
+        )
+        engine.add(
+            Request(
+                str(i),
+                params,
+                lambda e: finals.append(e) if isinstance(e, events.FINAL) else None,
+                observer=clock,
+            )
+        )
+    with torch.no_grad():
+        engine.run_until_idle()
+    total = time.perf_counter() - start
+    engine.close()
+    bad = [f for f in finals if isinstance(f, events.Failed)]
+    if bad:
+        raise RuntimeError(f"IRG requests failed: {bad[:2]}")
+    return {
+        "requests": n,
+        "seconds": total,
+        "requests_per_s": n / total,
+        "stages_of_first": clocks[0].marks,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", default="bagel-7b")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--shape", choices=["bagel-7b", "tiny"], default="bagel-7b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--timesteps", type=int, default=50)
+    p.add_argument("--think-tokens", type=int, default=256)
+    p.add_argument("--concurrent", type=int, default=16)
+    p.add_argument(
+        "--concurrent-timesteps",
+        type=int,
+        default=12,
+        help="timesteps of the throughput run (kept short to fit one device call)",
+    )
+    p.add_argument("--concurrent-think-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    args, _ = p.parse_known_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = bagel_7b() if args.shape == "bagel-7b" else tiny_config(152064)
+    t0 = time.perf_counter()
+    model = random_model(cfg, device, dtype)
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": args.shape,
+        "build_s": time.perf_counter() - t0,
+    }
+    config = EngineConfig(max_running=max(32, args.concurrent), token_budget=16384)
+    engine = Engine(model, config)
+    with torch.no_grad():
+        result.update(bench_denoise(model, engine, args.size, repeat=3))
+        for batch in (1, 8, 32):
+            result.update(bench_decode(model, engine, batch, 600, steps=20))
+    engine.close()
+    del engine
+    result["irg_alone"] = bench_irg(model, config, 1, args)
+    alone = result["irg_alone"]["seconds"]
+    passes = 2 * (args.timesteps - 1) + 3 * (args.timesteps - 1)  # upper bound on branch passes
+    result["irg_alone_vs_denoise_floor"] = alone / (passes * FLOORS["denoise_1024_ms"] / 1e3)
+    short = argparse.Namespace(
+        size=args.size,
+        timesteps=args.concurrent_timesteps,
+        think_tokens=args.concurrent_think_tokens,
+    )
+    result["irg_concurrent"] = bench_irg(model, config, args.concurrent, short)
+    ceiling = 1.0 / (5 * (args.concurrent_timesteps - 1) * result["denoise_ms"] / 1e3)
+    result["irg_concurrent_vs_denoise_ceiling"] = (
+        result["irg_concurrent"]["requests_per_s"] / ceiling
+    )
+    result["floors"], result["anchors"] = FLOORS, ANCHORS
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
