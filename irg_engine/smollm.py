@@ -33,6 +33,9 @@ from irg_engine.config import BagelConfig, LMConfig
 from irg_engine.model.bagel import Bagel, LoadedModel
 from irg_engine.model.embed import sincos_2d
 from irg_engine.model.vae import AutoEncoder
+from irg_engine.recipes.dense import DenseContexts, drive
+from irg_engine.recipes.params import Observer
+from irg_engine.recipes.work import DecodeStep, Env, PrefillText
 from irg_engine.tiny import tiny_config
 from irg_engine.tokenizer import VISION_END, VISION_START, Tokenizer
 
@@ -270,20 +273,29 @@ def load_smollm2(path: Path | None = None, dtype: torch.dtype = torch.float32) -
 
 
 @torch.inference_mode()
-def greedy_continue(model: LoadedModel, ids: list[int], n: int) -> list[int]:
-    """Prefill raw `ids` (no segment wrappers) and decode `n` tokens greedily; returns the new ids.
-
-    Each step feeds the previous argmax back as a one-token causal segment.
-    """
-    from irg_engine.recipes.context import Context, prefill_text
-
+def continuation(ids: list[int], n: int):
+    """A program (see `recipes/work.py`): prefill raw `ids` (no segment wrappers), then decode
+    `n` tokens greedily, feeding each argmax back; it returns the new ids. Runs on the reference
+    executor (`greedy_continue`) or, as a request's program, in the batched engine."""
     if not ids:
-        raise ValueError("greedy_continue needs at least one prompt id")
-    ctx = Context()
-    hidden = prefill_text(model, ctx, list(ids))
-    out: list[int] = []
-    while len(out) < n:
-        out.append(int(model.bagel.logits(hidden[-1:])[0].argmax()))
-        if len(out) < n:
-            hidden = prefill_text(model, ctx, out[-1:])
-    return out
+        raise ValueError("a continuation needs at least one prompt id")
+
+    def program(env):
+        ctx = env.contexts.new("main")
+        if len(ids) > 1:
+            yield PrefillText(ctx, list(ids[:-1]))
+        logits = yield DecodeStep(ctx, ids[-1])
+        out: list[int] = []
+        while len(out) < n:
+            out.append(int(logits.argmax()))
+            if len(out) < n:
+                logits = yield DecodeStep(ctx, out[-1])
+        return out
+
+    return program
+
+
+def greedy_continue(model: LoadedModel, ids: list[int], n: int) -> list[int]:
+    """`continuation` run sequentially on the reference executor; returns the new ids."""
+    env = Env(model.tokenizer, model.cfg, DenseContexts(), Observer())
+    return drive(model, continuation(ids, n)(env))
