@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from irg_engine import events as ev
+from irg_engine.attention import resolve_backend
 from irg_engine.block_pool import BlockPool, KVSequence
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.recipes import program as recipe_program
@@ -52,7 +53,7 @@ class EngineConfig:
     token_budget: int = 8192
     block_size: int = 16
     kv_tokens: int = 0  # 0: sized automatically (see `auto_kv_tokens`)
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"  # auto | sdpa | xformers (see irg_engine.attention)
     prefix_cache_entries: int = 8
 
     def __post_init__(self) -> None:
@@ -99,7 +100,7 @@ class Engine:
         cfg = self.config
         kv_tokens = cfg.kv_tokens or auto_kv_tokens(model)
         self.pool = BlockPool(-(-kv_tokens // cfg.block_size), cfg.block_size)
-        self.runner = Runner(model, self.pool, cfg.attention_backend)
+        self.runner = Runner(model, self.pool, resolve_backend(cfg.attention_backend))
         self.scheduler = Scheduler(cfg.token_budget, cfg.block_size)
         self.prefix_cache: OrderedDict[tuple[int, ...], KVSequence] = OrderedDict()
         self.waiting: deque[Request] = deque()

@@ -8,7 +8,9 @@ segment's context keys live and whether the segment's own keys are written back.
 recipes use a dense plan (`irg_engine.recipes.context`); the engine uses a paged one.
 
 Backends compute one segment at a time given contiguous keys; `sdpa` (torch
-scaled_dot_product_attention with an explicit mask) is the reference and works everywhere.
+scaled_dot_product_attention with an explicit mask) is the reference and works everywhere;
+`xformers` is optional (CUDA, when its build matches torch). `auto` picks `sdpa`: measured on an
+H200, dense per-segment SDPA already reaches the matmul ceiling on denoise rows (DESIGN.md 7).
 """
 
 from __future__ import annotations
@@ -17,9 +19,30 @@ from typing import Protocol
 
 import torch
 
+from irg_engine.attention import xformers_backend
 from irg_engine.attention.sdpa import sdpa_segment
 
-BACKENDS = {"sdpa": sdpa_segment}
+BACKENDS = {"sdpa": sdpa_segment, "xformers": xformers_backend.xformers_segment}
+
+
+def available_backends() -> list[str]:
+    return ["sdpa"] + (["xformers"] if xformers_backend.available() else [])
+
+
+def resolve_backend(name: str) -> str:
+    """The backend a setting names; `auto` is `sdpa`. Unknown or unavailable names are errors."""
+    if name == "auto":
+        return "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(
+            f"attention backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}"
+        )
+    if name not in available_backends():
+        raise ValueError(
+            f"attention backend {name!r} is not available here "
+            f"(available: {', '.join(available_backends())})"
+        )
+    return name
 
 
 class AttentionPlan(Protocol):
