@@ -13,8 +13,10 @@ def P(rid, kind, tokens, blocks=1, arrival=0, holds=1):
 
 def test_decode_rides_along_with_denoise_and_prefill():
     s = Scheduler(token_budget=100, block_size=16)
-    plan = s.plan([P("a", "prefill", 30, 2, 0), P("b", "decode", 1, 1, 1),
-                   P("c", "denoise", 40, 0, 2)], free_blocks=100)
+    plan = s.plan(
+        [P("a", "prefill", 30, 2, 0), P("b", "decode", 1, 1, 1), P("c", "denoise", 40, 0, 2)],
+        free_blocks=100,
+    )
     assert plan.run == [("b", 1), ("c", 40), ("a", 30)]
 
 
@@ -44,8 +46,14 @@ def test_items_that_do_not_fit_in_kv_wait():
 
 def test_nothing_fits_preempts_the_youngest_holder():
     s = Scheduler(token_budget=1000, block_size=16)
-    plan = s.plan([P("a", "block", 50, 9, 0, holds=5), P("b", "block", 50, 9, 3, holds=2),
-                   P("c", "block", 50, 9, 5, holds=0)], free_blocks=2)
+    plan = s.plan(
+        [
+            P("a", "block", 50, 9, 0, holds=5),
+            P("b", "block", 50, 9, 3, holds=2),
+            P("c", "block", 50, 9, 5, holds=0),
+        ],
+        free_blocks=2,
+    )
     assert plan.run == [] and plan.preempt == ["b"]
 
 
