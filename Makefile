@@ -19,10 +19,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-ARGS ?= "a white cat sleeping on a wooden table next to three green apples" --out out/demo --width 256 --height 256 --num-timesteps 10 --max-think-tokens 64
-
 serve: install
-	$(BIN)/python -m irg_engine.generate $(ARGS)
+	$(BIN)/irg-server $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

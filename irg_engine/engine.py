@@ -214,20 +214,23 @@ class Engine:
         except Exception as error:  # isolate the request that caused it
             log.exception("engine step failed; retrying item by item")
             self._rollback(snapshots)
-            ok = 0
+            done, failed = [], []
             for req, sch in batch:
                 snap = [
                     (seq, list(seq.blocks), seq.length, seq.rope) for seq in self._written(sch.item)
                 ]
                 try:
                     self.runner.step([sch])
-                    ok += 1
-                    self._deliver(req, sch)
+                    done.append((req, sch))
                 except Exception as single:
                     self._rollback(snap)
-                    self._finish(req, ev.Failed("engine_error", f"model error: {single}"))
-            if ok == 0:
+                    failed.append((req, single))
+            if not done:  # flagged before the failures go out, so readers see it with them
                 self.healthy, self.fault = False, f"{type(error).__name__}: {error}"
+            for req, single in failed:
+                self._finish(req, ev.Failed("engine_error", f"model error: {single}"))
+            for req, sch in done:
+                self._deliver(req, sch)
             self.steps += 1
             return
         self.healthy, self.fault = True, None

@@ -1,0 +1,85 @@
+"""`irg-server` / `python -m server`: parse the settings, build the app, serve it with uvicorn.
+
+Signals: the first SIGTERM or SIGINT starts a drain instead of uvicorn's immediate shutdown:
+/ready and new requests answer 503, in-flight requests get up to `--shutdown-timeout` seconds to
+finish, the engine ends the rest with an `error` event, and then uvicorn stops and the process
+exits 0. A second signal stops at once. A model that cannot be loaded exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings, parse_settings
+
+log = logging.getLogger("irg.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM meaning "drain, then exit" (its default closes the socket first)."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def fail(self) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Signals are not recorded as captured, so uvicorn does not re-raise them after serving
+        # and the exit code stays ours.
+        state = self.config.app.state.irg
+        if state.admission.draining or self.should_exit:
+            self.force_exit = self.should_exit = True  # a second signal: stop now
+            return
+        if self._loop is None:
+            self.should_exit = True  # not serving yet: nothing to drain
+            return
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._drain, state)
+
+    def _drain(self, state) -> None:
+        task = state.begin_drain()
+        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    server: DrainingServer | None = None
+
+    def on_fatal() -> None:
+        if server is not None:
+            server.fail()
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    server = DrainingServer(config, settings)
+    server.run()
+    return server.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

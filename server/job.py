@@ -1,0 +1,157 @@
+"""One admitted request, from its submission to the engine to its final event.
+
+`Job.submit` hands the parameters to the engine (a ValueError there is the client's fault: 400).
+`Job.events()` then yields the engine's events in order, plus `KEEPALIVE` after every
+`keepalive_interval` of silence, and guarantees three things whoever consumes it:
+- exactly one final event (`Finished` or `Failed`) ends it, even if the engine goes silent past
+  the deadline or dies without answering (a safety net behind the engine's own deadline);
+- a consumer that stops early (client disconnect, cancelled task) aborts the engine request, so
+  its KV blocks are freed at once;
+- metrics and the admission ticket are settled exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from irg_engine.events import FINAL, Failed, Finished, ImageDone, Started, TextDelta
+from irg_engine.recipes.params import RecipeParams
+from server.admission import Ticket
+from server.errors import ApiError
+from server.metrics import REASON_OF_FAILURE
+from server.state import ServerState
+
+KEEPALIVE = object()
+# How long past its deadline a request may stay silent before the server gives up on the engine.
+DEADLINE_GRACE_S = 2.0
+# How long a request may stay silent while the engine reports a fault (no step succeeds).
+FAULT_GRACE_S = 10.0
+# How often a silent request checks those two conditions.
+SAFETY_TICK_S = 0.5
+
+
+def new_request_id() -> str:
+    return "gen-" + uuid.uuid4().hex[:24]
+
+
+class Job:
+    def __init__(
+        self,
+        state: ServerState,
+        params: RecipeParams,
+        ticket: Ticket,
+        timeout_s: float,
+        request_id: str | None = None,
+    ) -> None:
+        self.state = state
+        self.params = params
+        self.ticket = ticket
+        self.id = request_id or new_request_id()
+        self.arrived = ticket.arrived
+        self.deadline = ticket.arrived + timeout_s
+        self.final: Finished | Failed | None = None
+        self._stream = None
+        self._first_think = False
+        self._first_image = False
+
+    def submit(self) -> None:
+        try:
+            self._stream = self.state.client.submit(
+                self.params, request_id=self.id, deadline=self.deadline
+            )
+        except ValueError as exc:
+            self._settle(None, "invalid")
+            raise ApiError(400, "invalid_request", str(exc)) from exc
+        except OverflowError as exc:  # the engine's own queue cap (admission should prevent it)
+            self._settle(None, "rejected")
+            raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "1"}) from exc
+        except RuntimeError as exc:  # the engine stopped admitting: shutting down
+            self._settle(None, "rejected")
+            raise ApiError(503, "draining", str(exc), headers={"Retry-After": "5"}) from exc
+        except BaseException:
+            self._settle(None, "error")
+            raise
+
+    async def events(self) -> AsyncIterator[object]:
+        client = self.state.client
+        interval = self.state.settings.keepalive_interval
+        it = self._stream.__aiter__()
+        pending: asyncio.Future | None = None
+        last_event = last_output = time.monotonic()
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=min(interval, SAFETY_TICK_S))
+                now = time.monotonic()
+                if not done:
+                    if now > self.deadline + DEADLINE_GRACE_S:
+                        yield self._give_up(Failed("timeout", "request deadline exceeded"))
+                        return
+                    if not client.healthy and now - last_event > FAULT_GRACE_S:
+                        yield self._give_up(Failed("engine_error", f"engine fault: {client.fault}"))
+                        return
+                    if now - last_output >= interval:
+                        last_output = now
+                        yield KEEPALIVE
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    break
+                pending, last_event, last_output = None, now, now
+                self._observe(event)
+                yield event
+                if isinstance(event, FINAL):
+                    return
+            yield self._give_up(Failed("engine_error", "the engine ended the stream early"))
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if self.final is None:
+                # The consumer left before the end: free the engine's resources now.
+                client.abort(self.id)
+                self._settle(Failed("aborted", "client went away"), "abort")
+
+    def cancel(self) -> None:
+        """End a submitted job whose events nobody will read."""
+        if self.final is None and not self.ticket.released:
+            if self._stream is not None:
+                self.state.client.abort(self.id)
+            self._settle(Failed("aborted", "cancelled"), "abort")
+
+    def _give_up(self, failed: Failed) -> Failed:
+        self.state.client.abort(self.id)
+        self._settle(failed, REASON_OF_FAILURE[failed.code])
+        return failed
+
+    def _observe(self, event: object) -> None:
+        m = self.state.metrics
+        elapsed = time.monotonic() - self.arrived
+        if isinstance(event, Started):
+            m.queue_time.observe(elapsed)
+        elif isinstance(event, TextDelta) and event.stage == "think" and not self._first_think:
+            self._first_think = True
+            m.time_to_first_think_token.observe(elapsed)
+        elif isinstance(event, ImageDone) and not self._first_image:
+            self._first_image = True
+            m.time_to_first_image.observe(elapsed)
+        elif isinstance(event, Finished):
+            m.prompt_tokens.inc(event.usage.get("prompt_tokens", 0))
+            m.generated_tokens.inc(event.usage.get("generated_tokens", 0))
+            self.state.admission.observe_latency(elapsed)
+            self._settle(event, "ok")
+        elif isinstance(event, Failed):
+            self._settle(event, REASON_OF_FAILURE.get(event.code, "error"))
+
+    def _settle(self, final: Finished | Failed | None, reason: str) -> None:
+        if self.ticket.released:
+            return
+        self.final = final
+        m = self.state.metrics
+        m.e2e_latency.observe(time.monotonic() - self.arrived)
+        m.finish(reason)
+        self.ticket.release()

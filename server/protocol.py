@@ -1,0 +1,159 @@
+"""The HTTP protocol as pydantic models: request bodies, JSON answers and SSE event payloads.
+
+Static limits (ranges, multiples of 16, known recipes) live in the field constraints, so they
+appear in the OpenAPI schema and FastAPI rejects them before a route runs. Limits that need the
+model or the settings (prompt length in tokens, image bytes and pixels, the server's think cap)
+are checked when a request is turned into engine parameters (`params.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Recipe = Literal["irg", "t2i", "think_t2i", "edit", "understand"]
+RenormType = Literal["global", "channel", "text_channel"]
+Stage = Literal["think", "reflect", "answer"]
+
+MAX_SIDE = 1024
+Side = Annotated[int, Field(ge=16, le=MAX_SIDE, multiple_of=16)]
+Scale = Annotated[float, Field(ge=0.0, le=20.0)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+MAX_SEED = 2**63 - 1
+
+
+class Strict(BaseModel):
+    # Unknown fields are errors: a misspelt parameter must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateRequest(Strict):
+    """POST /generate. Defaults are the IRG paper's settings."""
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    recipe: Recipe = "irg"
+    image: str | None = Field(
+        default=None, description="base64 image (or data: URL) for edit / understand"
+    )
+    width: Side = 1024
+    height: Side = 1024
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="default: random")
+    num_timesteps: int = Field(default=50, ge=2, le=200)
+    timestep_shift: float = Field(default=3.0, gt=0.0, le=100.0)
+    cfg_text_scale: Scale = 4.0
+    cfg_img_scale: Scale | None = Field(default=None, description="default: per image (1.0, 2.0)")
+    cfg_interval: tuple[Unit, Unit] | None = Field(
+        default=None, description="default: [0.4, 1] first image, [0, 1] refined images"
+    )
+    cfg_renorm_type: RenormType | None = Field(
+        default=None, description="default: global first image, text_channel refined images"
+    )
+    cfg_renorm_min: Unit = 0.0
+    max_think_tokens: int = Field(default=4096, ge=1, le=65536)
+    temperature: float = Field(default=0.3, ge=0.0, le=2.0)
+    refine_rounds: int = Field(default=1, ge=0, le=4)
+    partial_images: int = Field(default=0, ge=0, le=3)
+    stream: bool = False
+    timeout_s: float | None = Field(
+        default=None, gt=0.0, description="deadline in seconds (capped by the server's)"
+    )
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _interval_ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError("must be [low, high] with low <= high")
+        return value
+
+
+class TextItem(BaseModel):
+    stage: Stage
+    round: int
+    text: str
+
+
+class ImageItem(BaseModel):
+    round: int
+    b64_png: str
+    width: int
+    height: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    texts: list[TextItem]
+    images: list[ImageItem]
+    seed: int
+    timings: dict[str, float]
+    usage: dict[str, int]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    value: object | None = None
+    limit: object | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- OpenAI-compatible images API -------------------------------------------------------------
+
+
+class ImagesRequest(BaseModel):
+    """POST /v1/images/generations. Runs the IRG recipe; extra IRG fields are extensions."""
+
+    # OpenAI clients send fields this server has no use for (quality, style, user...): those
+    # are declared below and ignored; anything else is an error as on /generate.
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=4)
+    size: str = Field(default="1024x1024", description="WIDTHxHEIGHT (multiples of 16) or auto")
+    response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png"] = "png"
+    stream: bool = False
+    partial_images: int = Field(default=0, ge=0, le=3)
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    user: str | None = None
+    # IRG extensions (not OpenAI fields)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_timesteps: int = Field(default=50, ge=2, le=200)
+    max_think_tokens: int = Field(default=4096, ge=1, le=65536)
+    temperature: float = Field(default=0.3, ge=0.0, le=2.0)
+    refine_rounds: int = Field(default=1, ge=0, le=4)
+    timeout_s: float | None = Field(default=None, gt=0.0)
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    usage: dict[str, int]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "irg-server"
+    random_weights: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,248 @@
+"""Helpers for the server tests: a live uvicorn server in a thread, an SSE reader, small request
+settings, a stub engine (for the schema fuzz run, where any valid request must be cheap), and a
+subprocess runner for `python -m server`.
+
+Every server listens on 127.0.0.1 on a free port and is talked to with a real HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import uvicorn
+
+from irg_engine import events as ev
+from server.app import create_app
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough that a whole IRG request takes about a second on two CPU cores.
+SMALL = {"width": 32, "height": 32, "num_timesteps": 3, "max_think_tokens": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state(self):
+        return self.app.state.irg
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > end or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def live_server(model, engine_factory=None, **settings) -> Iterator[LiveServer]:
+    settings.setdefault("keepalive_interval", 0.2)
+    settings.setdefault("shutdown_timeout", 0.5)
+    app = create_app(Settings(**settings), model=model, engine_factory=engine_factory)
+    server = LiveServer(app).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Sse:
+    events: list[tuple[int, str, dict]] = field(default_factory=list)
+    comments: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [name for _, name, _ in self.events]
+
+    def of(self, name: str) -> list[dict]:
+        return [data for _, n, data in self.events if n == name]
+
+
+class SseReader:
+    """Parses an SSE response as a browser's EventSource would, in as many calls as wanted.
+
+    It holds on to one line iterator: dropping a half-read httpx iterator closes the
+    connection, which the server (rightly) takes as the client leaving.
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.lines = response.iter_lines()
+        self.seen = Sse()
+
+    def read(self, until: str | None = None) -> Sse:
+        """Events up to and including the next `until` (or to the end); all seen so far."""
+        out = self.seen
+        fields: dict[str, str] = {}
+        for line in self.lines:
+            if line == "":
+                if "event" in fields or "data" in fields:
+                    data = json.loads(fields["data"])
+                    out.events.append((int(fields["id"]), fields.get("event", "message"), data))
+                    if fields.get("event") == until:
+                        return out
+                fields = {}
+            elif line.startswith(":"):
+                out.comments += 1
+            else:
+                name, _, value = line.partition(":")
+                fields[name] = value[1:] if value.startswith(" ") else value
+        return out
+
+
+def read_sse(response: httpx.Response) -> Sse:
+    return SseReader(response).read()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample in a Prometheus exposition (exact name, labels included)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# --- a stub engine: the EngineClient interface, answering at once -----------------------------
+
+
+class StubStream:
+    def __init__(self, request_id: str, events: list) -> None:
+        self.id = request_id
+        self._events = events
+
+    async def __aiter__(self):
+        for event in self._events:
+            await asyncio.sleep(0)
+            yield event
+
+
+@dataclass
+class StubStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 1
+    steps: int = 0
+    tokens_decoded: int = 0
+    denoise_steps: int = 0
+    healthy: bool = True
+    fault: str | None = None
+
+
+class StubEngine:
+    """Finishes every request at once with one tiny image per round: what a fuzz run needs."""
+
+    healthy = True
+    fault = None
+
+    def __init__(self, model=None, settings=None) -> None:
+        self.count = 0
+
+    def start(self) -> None:
+        pass
+
+    async def shutdown(self, timeout_s: float) -> None:
+        pass
+
+    def submit(self, params, request_id=None, deadline=None) -> StubStream:
+        self.count += 1
+        rounds = (
+            0
+            if params.recipe == "understand"
+            else (params.refine_rounds + 1 if params.recipe == "irg" else 1)
+        )
+        pixels = np.zeros((16, 16, 3), np.uint8)
+        events = [ev.Queued(0), ev.Started(0.0)]
+        for r in range(1, rounds + 1):
+            events += [ev.ImageProgress(r, 1, 1), ev.ImageDone(r, pixels)]
+        images = [{"round": r, "width": 16, "height": 16} for r in range(1, rounds + 1)]
+        events.append(ev.Finished([], images, params.seed, {"total": 0.0}, {"prompt_tokens": 1}))
+        return StubStream(request_id or f"stub-{self.count}", events)
+
+    def abort(self, request_id: str) -> bool:
+        return False
+
+    def stats(self) -> StubStats:
+        return StubStats()
+
+
+# --- `python -m server` in a subprocess -------------------------------------------------------
+
+
+class ServerProcess:
+    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
+        self.port = free_port()
+        full_env = {**os.environ, "IRG_PORT": str(self.port), **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", *(args or [])],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        out, _ = self.proc.communicate(timeout=30)
+        return out

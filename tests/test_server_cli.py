@@ -1,0 +1,91 @@
+"""The `irg` client CLI and bench/serve_bench.py against a live server on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+
+import pytest
+from PIL import Image
+
+from server import cli
+from tests.server_fixtures import ROOT, live_server
+
+SMALL_ARGS = ["--width", "32", "--height", "32", "--num-timesteps", "3", "--max-think-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with live_server(tiny_model, max_running=4) as s:
+        yield s
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_generate_streams_thoughts_bars_and_saves_files(server, tmp_path):
+    code, out, err = run_cli(
+        "--server", server.url, "generate", "a small house", "--out", str(tmp_path), *SMALL_ARGS
+    )
+    assert code == 0, err
+    assert "[think 1]" in out and "[reflect 2]" in out
+    assert "image 1 [" in err and "2/2" in err and "done in" in err
+    for r in (1, 2):
+        assert Image.open(tmp_path / f"round{r}.png").size == (32, 32)
+    texts = json.loads((tmp_path / "texts.json").read_text())
+    assert [t["stage"] for t in texts] == ["think", "reflect"]
+    assert "# a small house" in (tmp_path / "texts.md").read_text()
+    assert "random" in json.loads((tmp_path / "result.json").read_text())["model"]
+
+
+def test_generate_reports_http_errors(server, tmp_path):
+    code, _, err = run_cli(
+        "--server", server.url, "generate", "x", "--out", str(tmp_path), "--width", "100"
+    )
+    assert code == 1 and "error 400" in err and "width" in err
+
+
+def test_health(server):
+    code, out, _ = run_cli("--server", server.url, "health")
+    assert code == 0 and "ready: 200" in out
+    code, _, err = run_cli("--server", "http://127.0.0.1:9", "health")
+    assert code == 2 and "cannot reach" in err
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "bench" / "serve_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("load", [["--concurrency", "2"], ["--rate", "20"]])
+def test_serve_bench_reports_json_and_table(server, tmp_path, capsys, load):
+    bench = load_bench()
+    report_path = tmp_path / "report.json"
+    argv = [
+        "--server",
+        server.url,
+        "--num-prompts",
+        "3",
+        *load,
+        "--recipe",
+        "think_t2i",
+        *SMALL_ARGS,
+        "--json",
+        str(report_path),
+    ]
+    assert bench.main(argv) == 0
+    report = json.loads(report_path.read_text())
+    assert report["completed"] == 3 and report["failed"] == 0
+    assert report["requests_per_s"] > 0 and report["images_per_s"] > 0
+    for key in ("latency_s", "time_to_first_think_token_s", "time_to_first_image_s"):
+        assert set(report[key]) == {"mean", "p50", "p90", "p99"}
+    table = capsys.readouterr().out
+    assert "throughput" in table and "first image" in table

@@ -1,0 +1,147 @@
+"""Behaviour under load and faults, against the real engine: bounded admission, abort on client
+disconnect (KV blocks freed at once), deadlines, an injected engine fault, keep-alives."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+
+from tests.server_fixtures import SMALL, SseReader, live_server, metric, read_sse, wait_for
+
+# Long enough (~1 s and more on two CPU cores) to still be running when the test acts on it.
+LONG = {"prompt": "a long one", "recipe": "t2i", "width": 64, "height": 64, "num_timesteps": 60}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with live_server(tiny_model, max_running=1, max_queued=1) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.client() as c:
+        yield c
+
+
+def finished(http, reason: str) -> float:
+    return metric(http.get("/metrics").text, f'irg_requests_finished_total{{reason="{reason}"}}')
+
+
+def idle_kv_blocks(server, http) -> int:
+    """KV blocks in use when idle (the prefix cache keeps some), after one short t2i request."""
+    assert http.post("/generate", json={**LONG, "num_timesteps": 3}).status_code == 200
+    assert wait_for(lambda: server.state.client.stats().running == 0)
+    return server.state.client.stats().kv_blocks_used
+
+
+def test_caps_1_and_1_admit_exactly_two_of_ten(server, http):
+    rejected_before = finished(http, "rejected")
+    waiting_seen: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            waiting_seen.append(server.state.client.stats().waiting)
+            stop.wait(0.005)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/generate", json=LONG) for _ in range(10)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        responses = asyncio.run(burst())
+    finally:
+        stop.set()
+        sampler.join()
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * 2 + [429] * 8
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "queue_full"
+    assert max(waiting_seen) <= 1 and len(waiting_seen) > 10
+    assert finished(http, "rejected") - rejected_before == 8
+    assert server.state.admission.in_flight == 0
+
+
+def test_stream_disconnect_aborts_and_frees_kv_blocks(server, http):
+    idle = idle_kv_blocks(server, http)
+    aborts = finished(http, "abort")
+    with http.stream("POST", "/generate", json={**LONG, "stream": True}) as r:
+        reader = SseReader(r)
+        reader.read(until="image.progress")
+        assert server.state.client.stats().kv_blocks_used > idle
+        assert server.state.client.stats().running == 1
+    # Leaving the block closed the connection mid-stream.
+    assert wait_for(lambda: server.state.client.stats().kv_blocks_used == idle, timeout=5)
+    assert wait_for(lambda: server.state.client.stats().running == 0)
+    assert finished(http, "abort") == aborts + 1
+    assert metric(http.get("/metrics").text, "irg_kv_blocks_used") == idle
+
+
+def test_json_request_disconnect_aborts(server, http):
+    idle = idle_kv_blocks(server, http)
+    aborts = finished(http, "abort")
+    with server.client(timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post("/generate", json={**LONG, "num_timesteps": 200})
+    assert wait_for(lambda: finished(http, "abort") == aborts + 1, timeout=5)
+    assert wait_for(lambda: server.state.client.stats().kv_blocks_used == idle, timeout=5)
+    assert wait_for(lambda: server.state.client.stats().running == 0)
+
+
+def test_deadline_gives_504_or_an_error_event(http):
+    timeouts = finished(http, "timeout")
+    body = {**LONG, "num_timesteps": 200, "timeout_s": 0.3}
+    r = http.post("/generate", json=body)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    with http.stream("POST", "/generate", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        sse = read_sse(r)
+    assert sse.names[0] == "queued" and sse.names[-1] == "error"
+    assert sse.of("error")[0]["code"] == "timeout"
+    assert finished(http, "timeout") == timeouts + 2
+
+
+def test_keepalive_comments_while_queued(server, http):
+    # One request runs, the next waits in the queue and hears keep-alives (every 0.2 s here).
+    with http.stream("POST", "/generate", json={**LONG, "stream": True}) as first:
+        reader = SseReader(first)
+        reader.read(until="image.progress")
+        short = {**LONG, "num_timesteps": 3, "stream": True}
+        with http.stream("POST", "/generate", json=short) as second:
+            sse = read_sse(second)
+        assert reader.read().names[-1] == "done"  # the first one was not disturbed
+    assert sse.of("queued")[0]["position"] == 0
+    assert sse.comments >= 1
+    assert sse.names[-1] == "done"
+
+
+def test_engine_fault_errors_the_request_and_turns_ready_503(server, http, tiny_model, monkeypatch):
+    errors = finished(http, "error")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(tiny_model.bagel, "forward", broken)
+    with http.stream("POST", "/generate", json={**SMALL, "prompt": "x", "stream": True}) as r:
+        sse = read_sse(r)
+    assert sse.names[-1] == "error" and sse.of("error")[0]["code"] == "engine_error"
+    assert "injected fault" in sse.of("error")[0]["message"]
+    # The engine marks itself faulty just after failing the request: allow it a moment.
+    assert wait_for(lambda: http.get("/ready").status_code == 503, timeout=5)
+    assert "fault" in http.get("/ready").json()["reason"]
+    r = http.post("/generate", json={**SMALL, "prompt": "x", "recipe": "t2i"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    assert finished(http, "error") == errors + 2
+    assert metric(http.get("/metrics").text, "irg_engine_healthy") == 0
+
+    monkeypatch.undo()  # the engine recovers with the next step that succeeds
+    r = http.post("/generate", json={**SMALL, "prompt": "x", "recipe": "t2i"})
+    assert r.status_code == 200
+    assert http.get("/ready").status_code == 200

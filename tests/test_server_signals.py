@@ -1,0 +1,103 @@
+"""The server's life: `python -m server` as a process (settings from IRG_* variables, the SIGTERM
+drain, a model that cannot load) and the probes while the model is loading.
+
+On SIGTERM the server refuses new work (503, /ready 503), lets a request that can finish within
+the shutdown timeout finish, ends one that cannot with an `error` event (`shutdown`), and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.settings import Settings
+from tests.server_fixtures import LiveServer, ServerProcess, SseReader, wait_for
+
+SHORT = {"prompt": "short", "recipe": "t2i", "width": 32, "height": 32, "num_timesteps": 20}
+# Several seconds on two CPU cores, well past the 2 s shutdown timeout.
+LONG = {**SHORT, "prompt": "long", "width": 256, "height": 256, "num_timesteps": 200}
+
+
+@pytest.mark.slow
+def test_sigterm_drains_then_exits_zero(tiny_dir):
+    proc = ServerProcess(
+        {
+            "IRG_MODEL": str(tiny_dir),
+            "IRG_SHUTDOWN_TIMEOUT": "2",
+            "IRG_KEEPALIVE_INTERVAL": "0.2",
+            "IRG_MAX_RUNNING": "2",
+            "IRG_LOG_LEVEL": "info",
+        }
+    )
+    try:
+        proc.wait_ready()
+        started = threading.Barrier(3, timeout=30)
+        streams: dict[str, object] = {}
+
+        def run(name: str, body: dict) -> None:
+            with (
+                httpx.Client(base_url=proc.url, timeout=60) as client,
+                client.stream("POST", "/generate", json={**body, "stream": True}) as r,
+            ):
+                assert r.status_code == 200
+                reader = SseReader(r)
+                reader.read(until="image.progress")
+                started.wait()
+                streams[name] = reader.read()
+
+        threads = [
+            threading.Thread(target=run, args=("short", SHORT)),
+            threading.Thread(target=run, args=("long", LONG)),
+        ]
+        for t in threads:
+            t.start()
+        started.wait()  # both are running
+        proc.proc.send_signal(signal.SIGTERM)
+
+        with httpx.Client(base_url=proc.url, timeout=10) as client:
+            # Draining: still listening, but refusing.
+            ready = client.get("/ready")
+            assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+            refused = client.post("/generate", json=SHORT)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+            assert refused.headers["Retry-After"]
+
+        for t in threads:
+            t.join(timeout=30)
+        assert proc.proc.wait(timeout=30) == 0
+        short, long = streams["short"], streams["long"]
+        assert short.names[-1] == "done"
+        assert long.names[-1] == "error" and long.of("error")[0]["code"] == "shutdown"
+    finally:
+        log = proc.stop()
+    assert "draining" in log
+
+
+def test_bad_model_path_exits_1(tmp_path):
+    proc = ServerProcess({"IRG_MODEL": str(tmp_path / "missing")})
+    try:
+        assert proc.proc.wait(timeout=60) == 1
+    finally:
+        log = proc.stop()
+    assert "cannot start" in log
+
+
+def test_probes_answer_while_the_model_loads(tiny_dir):
+    app = create_app(Settings(model=tiny_dir, shutdown_timeout=0.5))
+    server = LiveServer(app).start()  # the socket opens before the weights are in
+    try:
+        with server.client() as http:
+            assert http.get("/health").status_code == 200
+            ready = http.get("/ready")
+            if ready.status_code == 503:  # (a very fast load may already be done)
+                assert ready.json()["reason"] == "loading model"
+                r = http.post("/generate", json=SHORT)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            assert wait_for(lambda: http.get("/ready").status_code == 200, timeout=60)
+            assert http.post("/generate", json={**SHORT, "num_timesteps": 3}).status_code == 200
+    finally:
+        server.stop()
