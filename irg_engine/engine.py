@@ -55,10 +55,13 @@ class EngineConfig:
     kv_tokens: int = 0  # 0: sized automatically (see `auto_kv_tokens`)
     attention_backend: str = "auto"  # auto | sdpa | xformers (see irg_engine.attention)
     prefix_cache_entries: int = 8
+    image_workers: int = 1  # threads for VAE encodes/decodes beside the step loop
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:
             raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
+        if self.image_workers < 1:
+            raise ValueError("image_workers must be >= 1")
 
 
 @dataclass(slots=True)
@@ -112,7 +115,7 @@ class Engine:
         self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
         self.healthy, self.fault = True, None
         self.accepting = True
-        self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="irg-vae")
+        self._aux = ThreadPoolExecutor(cfg.image_workers, thread_name_prefix="irg-vae")
         self._aux_jobs: dict[str, tuple[Future, object]] = {}
 
     # -- thread-safe entry points -------------------------------------------------------------

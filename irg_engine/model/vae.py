@@ -72,7 +72,7 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+    return torch.nn.functional.silu(x)
 
 
 class ResnetBlock(nn.Module):
