@@ -3,7 +3,7 @@
 With a key configured, a request must carry `Authorization: Bearer <key>`; otherwise it gets 401
 before its body is read. The comparison is `hmac.compare_digest` on bytes, so its time does not
 depend on how much of a guessed key is right. `/health` and `/ready` stay open for load balancers
-and container health checks.
+and container health checks, and the playground page (`/`, `/static/*`) so a browser can load it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import ApiError
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# Probes, and the playground page with its script and stylesheet: a browser cannot send a key for
+# the page itself, and the page holds no secrets (it asks for the key and sends it on API calls).
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/"})
+PUBLIC_PREFIXES = ("/static/",)
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -39,7 +42,13 @@ class ApiKeyMiddleware:
         return hmac.compare_digest(token or b"", self._key) and token is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self.authorized(scope):
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path in PUBLIC_PATHS
+            or path.startswith(PUBLIC_PREFIXES)
+            or self.authorized(scope)
+        ):
             await self.app(scope, receive, send)
             return
         error = ApiError(
