@@ -61,9 +61,9 @@ def run_sequential(model, params: list[RecipeParams]) -> tuple[float, list[float
 
 
 def run_engine(
-    model, params: list[RecipeParams], concurrency: int
+    model, params: list[RecipeParams], concurrency: int, image_workers: int = 1
 ) -> tuple[float, list[float], dict]:
-    engine = Engine(model, EngineConfig(max_running=concurrency))
+    engine = Engine(model, EngineConfig(max_running=concurrency, image_workers=image_workers))
     done: dict[str, float] = {}
     failures = []
 
@@ -103,7 +103,7 @@ def tiny_bench(args: argparse.Namespace) -> dict:
     params = requests(args)
     run(model, RecipeParams("warm-up", width=32, height=32, num_timesteps=2, max_think_tokens=2))
     seq_total, seq_lat = run_sequential(model, params)
-    eng_total, eng_lat, counters = run_engine(model, params, args.concurrency)
+    eng_total, eng_lat, counters = run_engine(model, params, args.concurrency, args.image_workers)
     n = len(params)
     return {
         "preset": "tiny",
@@ -114,6 +114,7 @@ def tiny_bench(args: argparse.Namespace) -> dict:
         "timesteps": args.timesteps,
         "think_tokens": args.think_tokens,
         "threads": args.threads,
+        "image_workers": args.image_workers,
         "sequential_s": round(seq_total, 3),
         "engine_s": round(eng_total, 3),
         "sequential_requests_per_s": round(n / seq_total, 4),
@@ -166,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny ops: 1 is fastest)")
+    p.add_argument(
+        "--image-workers",
+        type=int,
+        default=1,
+        help="engine threads for VAE encodes/decodes beside the step loop",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
     if args.preset == "bagel-7b":
