@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from irg_engine import events as ev
 from irg_engine.attention import resolve_backend
 from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.image_work import ImageWork
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.recipes import program as recipe_program
 from irg_engine.recipes.work import (
@@ -115,8 +115,7 @@ class Engine:
         self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
         self.healthy, self.fault = True, None
         self.accepting = True
-        self._aux = ThreadPoolExecutor(cfg.image_workers, thread_name_prefix="irg-vae")
-        self._aux_jobs: dict[str, tuple[Future, object]] = {}
+        self.images = ImageWork(cfg.image_workers)
 
     # -- thread-safe entry points -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -168,8 +167,8 @@ class Engine:
             self._advance_inline(req)
         live = [r for r in self.running.values() if isinstance(r.pending, LM_WORK)]
         if not live:
-            if self._aux_jobs:  # only image encodes/decodes in flight: wait for one
-                wait([job for job, _ in self._aux_jobs.values()], 0.05, FIRST_COMPLETED)
+            if self.images.in_flight and not self.images.steal():  # no model work: help out
+                self.images.wait(0.05)
             return bool(self.running)
         pending = [
             Pending(
@@ -188,8 +187,8 @@ class Engine:
         if not plan.run:
             if plan.preempt or self._evict_prefix_cache():
                 return True
-            if self._aux_jobs:  # others are encoding/decoding images; their blocks may free up
-                wait([job for job, _ in self._aux_jobs.values()], 0.05, FIRST_COMPLETED)
+            if self.images.in_flight:  # others are encoding/decoding images; blocks may free up
+                self.images.wait(0.05)
                 return True
             for r in live:  # alone and still too big for the pool: can never run
                 self._finish(r, ev.Failed("engine_error", "request does not fit in the KV cache"))
@@ -316,12 +315,13 @@ class Engine:
             self._send(req, self.runner.read_kv(req.pending.ctx))
         item = req.pending
         if isinstance(item, (EncodeLatent, DecodeLatents)):
-            if req.id not in self._aux_jobs:
+            if not self.images.busy(req.id):
                 if isinstance(item, EncodeLatent):
-                    job = self._aux.submit(self.runner.encode_latent, item.image)
+                    self.images.submit(req.id, req.program, self.runner.encode_latent, item.image)
                 else:
-                    job = self._aux.submit(self.runner.decode_latents, item.x, item.grid)
-                self._aux_jobs[req.id] = (job, req.program)
+                    self.images.submit(
+                        req.id, req.program, self.runner.decode_latents, item.x, item.grid
+                    )
             return
         item = req.pending
         if isinstance(item, PrefillText) and item.shared and item.ctx.length == 0:
@@ -339,23 +339,19 @@ class Engine:
             self._advance_inline(req)
 
     def _collect_aux(self) -> None:
-        for rid, (job, program) in list(self._aux_jobs.items()):
-            if not job.done():
+        for job in self.images.finished():
+            req = self.running.get(job.request_id)
+            if req is None or req.program is not job.program:  # ended or restarted meanwhile
                 continue
-            del self._aux_jobs[rid]
-            req = self.running.get(rid)
-            if req is None or req.program is not program:  # ended or restarted meanwhile
-                continue
-            try:
-                result = job.result()
-            except Exception as error:
-                log.exception("request %s failed", rid)
+            if job.error is not None:
+                log.error("request %s failed in image work: %r", req.id, job.error)
+                error = job.error
                 self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
                 continue
-            self._send(req, result)
+            self._send(req, job.result)
 
     def close(self) -> None:
-        self._aux.shutdown(wait=True, cancel_futures=True)
+        self.images.close()
 
     def _store_prefix(self, key: tuple[int, ...], seq: KVSequence) -> None:
         if key in self.prefix_cache or self.config.prefix_cache_entries == 0:

@@ -3,8 +3,8 @@
 `create_app(settings, model=None)` builds one server. Middlewares, outermost first: API key (a
 401 costs nothing), body size limit, then FastAPI. The lifespan starts the engine (loading the
 model first, in a worker thread, when none was passed in: /health answers and /ready says
-"loading model" meanwhile) and drains it on the way out. The server's state lives on
-`app.state.irg`.
+"loading model" meanwhile) and drains it on the way out. The OpenAPI schema states this server's
+caps (`caps.advertise`). The server's state lives on `app.state.irg`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from irg_engine.model.bagel import LoadedModel
-from server import errors
+from server import caps, errors
 from server.auth import ApiKeyMiddleware
 from server.body_limit import BodyLimitMiddleware
 from server.routes import generate, health, metrics, openai, playground
 from server.settings import Settings
-from server.state import ServerState, make_engine
+from server.state import ServerState
 
 VERSION = "0.1.0"
 
@@ -29,12 +29,9 @@ VERSION = "0.1.0"
 def create_app(
     settings: Settings,
     model: LoadedModel | None = None,
-    engine_factory: Callable | None = None,
     on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
-    state = ServerState(
-        settings, model=model, engine_factory=engine_factory or make_engine, on_fatal=on_fatal
-    )
+    state = ServerState(settings, model=model, on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +54,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.irg = state
+
+    def openapi() -> dict:
+        # Built once, then saying this server's caps rather than the model's limits.
+        if app.openapi_schema is None:
+            caps.advertise(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi
     errors.install(app)
     for module in (generate, openai, health, metrics, playground):
         app.include_router(module.router)

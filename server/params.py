@@ -1,6 +1,6 @@
 """Turns a validated request body into the engine's `RecipeParams`, checking the limits that need
 the model or the settings: prompt length in tokens, the input image (base64, bytes, pixels,
-decodability, whether the recipe takes one), the server's think cap and deadline cap.
+decodability, whether the recipe takes one), the server's cost caps (`caps.py`) and deadline cap.
 
 Every failure is an `ApiError` 400 naming the parameter, the value and the limit. The random
 default seed is drawn here so the answer can report it.
@@ -18,6 +18,7 @@ from PIL import Image
 from irg_engine import images
 from irg_engine.recipes.params import RecipeParams
 from irg_engine.tokenizer import Tokenizer
+from server import caps
 from server.errors import ApiError, invalid
 from server.protocol import MAX_SEED, GenerateRequest
 from server.settings import Settings
@@ -85,18 +86,8 @@ def to_recipe_params(
     req: GenerateRequest, tokenizer: Tokenizer, settings: Settings
 ) -> RecipeParams:
     check_prompt(req.prompt, tokenizer, settings)
-    think_cap = req.max_think_tokens
-    if "max_think_tokens" not in req.model_fields_set:
-        # The paper's default (4096) adapts to a server capped lower; an explicit ask does not.
-        think_cap = min(think_cap, settings.max_think_tokens)
-    elif req.max_think_tokens > settings.max_think_tokens:
-        raise invalid(
-            "max_think_tokens",
-            f"max_think_tokens {req.max_think_tokens} is over this server's limit of "
-            f"{settings.max_think_tokens}",
-            req.max_think_tokens,
-            settings.max_think_tokens,
-        )
+    # The paper's defaults adapt to a server capped lower; an explicit ask over a cap is a 400.
+    limited = caps.capped(req, settings)
     image = None
     if req.recipe in IMAGE_RECIPES:
         if req.image is None:
@@ -108,6 +99,8 @@ def to_recipe_params(
                 None,
             )
         image = decode_image(req.image, settings)
+        if req.recipe == "edit":
+            caps.check_edit_size(image.size, settings)
     elif req.image is not None:
         raise invalid(
             "image",
@@ -121,20 +114,20 @@ def to_recipe_params(
             prompt=req.prompt,
             recipe=req.recipe,
             image=image,
-            width=req.width,
-            height=req.height,
+            width=limited["width"],
+            height=limited["height"],
             seed=seed,
-            num_timesteps=req.num_timesteps,
+            num_timesteps=limited["num_timesteps"],
             timestep_shift=req.timestep_shift,
             cfg_text_scale=req.cfg_text_scale,
             cfg_img_scale=req.cfg_img_scale,
             cfg_interval=req.cfg_interval,
             cfg_renorm_type=req.cfg_renorm_type,
             cfg_renorm_min=req.cfg_renorm_min,
-            max_think_tokens=think_cap,
+            max_think_tokens=limited["max_think_tokens"],
             temperature=req.temperature,
-            refine_rounds=req.refine_rounds,
-            partial_images=req.partial_images,
+            refine_rounds=limited["refine_rounds"],
+            partial_images=limited["partial_images"],
         )
     except ValueError as exc:
         # The protocol's constraints mirror RecipeParams'; this is a backstop, not a path.

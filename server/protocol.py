@@ -2,8 +2,8 @@
 
 Static limits (ranges, multiples of 16, known recipes) live in the field constraints, so they
 appear in the OpenAPI schema and FastAPI rejects them before a route runs. Limits that need the
-model or the settings (prompt length in tokens, image bytes and pixels, the server's think cap)
-are checked when a request is turned into engine parameters (`params.py`).
+model or the settings (prompt length in tokens, image bytes and pixels, the server's cost caps)
+are checked when a request is turned into engine parameters (`params.py`, `caps.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ Recipe = Literal["irg", "t2i", "think_t2i", "edit", "understand"]
 RenormType = Literal["global", "channel", "text_channel"]
 Stage = Literal["think", "reflect", "answer"]
 
-MAX_SIDE = 1024
-Side = Annotated[int, Field(ge=16, le=MAX_SIDE, multiple_of=16)]
+# The model's limits; a server may cap each lower (settings `max_image_side`, `max_timesteps`,
+# `max_refine_rounds`, `max_partial_images`, checked in `caps.py`).
+MIN_SIDE, MAX_SIDE = 16, 1024
+MIN_TIMESTEPS, MAX_TIMESTEPS = 2, 200
+MAX_REFINE_ROUNDS = 4
+MAX_PARTIAL_IMAGES = 3
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)]
+Timesteps = Annotated[int, Field(ge=MIN_TIMESTEPS, le=MAX_TIMESTEPS)]
+RefineRounds = Annotated[int, Field(ge=0, le=MAX_REFINE_ROUNDS)]
+PartialImages = Annotated[int, Field(ge=0, le=MAX_PARTIAL_IMAGES)]
 Scale = Annotated[float, Field(ge=0.0, le=20.0)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 MAX_SEED = 2**63 - 1
@@ -39,7 +47,7 @@ class GenerateRequest(Strict):
     width: Side = 1024
     height: Side = 1024
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="default: random")
-    num_timesteps: int = Field(default=50, ge=2, le=200)
+    num_timesteps: Timesteps = 50
     timestep_shift: float = Field(default=3.0, gt=0.0, le=100.0)
     cfg_text_scale: Scale = 4.0
     cfg_img_scale: Scale | None = Field(default=None, description="default: per image (1.0, 2.0)")
@@ -52,8 +60,8 @@ class GenerateRequest(Strict):
     cfg_renorm_min: Unit = 0.0
     max_think_tokens: int = Field(default=4096, ge=1, le=65536)
     temperature: float = Field(default=0.3, ge=0.0, le=2.0)
-    refine_rounds: int = Field(default=1, ge=0, le=4)
-    partial_images: int = Field(default=0, ge=0, le=3)
+    refine_rounds: RefineRounds = 1
+    partial_images: PartialImages = 0
     stream: bool = False
     timeout_s: float | None = Field(
         default=None, gt=0.0, description="deadline in seconds (capped by the server's)"
@@ -119,7 +127,7 @@ class ImagesRequest(BaseModel):
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png"] = "png"
     stream: bool = False
-    partial_images: int = Field(default=0, ge=0, le=3)
+    partial_images: PartialImages = 0
     quality: str | None = None
     style: str | None = None
     background: str | None = None
@@ -128,10 +136,10 @@ class ImagesRequest(BaseModel):
     user: str | None = None
     # IRG extensions (not OpenAI fields)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_timesteps: int = Field(default=50, ge=2, le=200)
+    num_timesteps: Timesteps = 50
     max_think_tokens: int = Field(default=4096, ge=1, le=65536)
     temperature: float = Field(default=0.3, ge=0.0, le=2.0)
-    refine_rounds: int = Field(default=1, ge=0, le=4)
+    refine_rounds: RefineRounds = 1
     timeout_s: float | None = Field(default=None, gt=0.0)
 
 

@@ -15,6 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from irg_engine.attention import BACKENDS
+from server.protocol import (
+    MAX_PARTIAL_IMAGES,
+    MAX_REFINE_ROUNDS,
+    MAX_SIDE,
+    MAX_TIMESTEPS,
+    MIN_SIDE,
+    MIN_TIMESTEPS,
+)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -61,6 +69,30 @@ class Settings:
     max_think_tokens: int = field(
         default=4096, metadata=_opt("largest max_think_tokens a request may ask for")
     )
+    # Caps on the cost of one request. A request over one gets a 400; one that leaves the
+    # parameter unset gets the smaller of its default and the cap.
+    max_image_side: int = field(
+        default=MAX_SIDE,
+        metadata=_opt(
+            f"largest width or height a request may ask for, a multiple of 16 in "
+            f"{MIN_SIDE}..{MAX_SIDE} (an edit draws at its input's size after the model's "
+            f"resize, whose longest side is at least 512)"
+        ),
+    )
+    max_timesteps: int = field(
+        default=MAX_TIMESTEPS,
+        metadata=_opt(
+            f"largest num_timesteps a request may ask for ({MIN_TIMESTEPS}..{MAX_TIMESTEPS})"
+        ),
+    )
+    max_refine_rounds: int = field(
+        default=MAX_REFINE_ROUNDS,
+        metadata=_opt(f"largest refine_rounds a request may ask for (0..{MAX_REFINE_ROUNDS})"),
+    )
+    max_partial_images: int = field(
+        default=MAX_PARTIAL_IMAGES,
+        metadata=_opt(f"largest partial_images a request may ask for (0..{MAX_PARTIAL_IMAGES})"),
+    )
     keepalive_interval: float = field(
         default=15.0, metadata=_opt("seconds of silence before an SSE keep-alive comment")
     )
@@ -85,6 +117,18 @@ class Settings:
         for name in ("max_queued", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        # The request models hold the model's limits; a server can only cap lower.
+        ranges = {
+            "max_image_side": (MIN_SIDE, MAX_SIDE),
+            "max_timesteps": (MIN_TIMESTEPS, MAX_TIMESTEPS),
+            "max_refine_rounds": (0, MAX_REFINE_ROUNDS),
+            "max_partial_images": (0, MAX_PARTIAL_IMAGES),
+        }
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in {low}..{high}, got {getattr(self, name)}")
+        if self.max_image_side % 16:
+            raise ValueError(f"max_image_side must be a multiple of 16, got {self.max_image_side}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         backends = ("auto", *BACKENDS)

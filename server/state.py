@@ -66,7 +66,6 @@ def make_engine(model: LoadedModel, settings: Settings):
 class ServerState:
     settings: Settings
     model: LoadedModel | None = None  # None until `load_and_start` has loaded it
-    engine_factory: Callable[[LoadedModel, Settings], object] = make_engine
     on_fatal: Callable[[], None] | None = None  # called when the model cannot be loaded
     client: object | None = None
     fatal: str | None = None
@@ -101,7 +100,7 @@ class ServerState:
 
     def start(self) -> None:
         if self.client is None:
-            self.client = self.engine_factory(self.model, self.settings)
+            self.client = make_engine(self.model, self.settings)
             self.client.start()
             log.info("engine started on %s", self.model_id)
 

@@ -1,13 +1,13 @@
 """Helpers for the server tests: a live uvicorn server in a thread, an SSE reader, small request
-settings, a stub engine (for the schema fuzz run, where any valid request must be cheap), and a
+settings, server caps under which any valid request is cheap (for the schema fuzz run), and a
 subprocess runner for `python -m server`.
 
-Every server listens on 127.0.0.1 on a free port and is talked to with a real HTTP client.
+Every server runs the real engine, listens on 127.0.0.1 on a free port and is talked to with a
+real HTTP client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -21,16 +21,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 import uvicorn
 
-from irg_engine import events as ev
 from server.app import create_app
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough that a whole IRG request takes about a second on two CPU cores.
 SMALL = {"width": 32, "height": 32, "num_timesteps": 3, "max_think_tokens": 4}
+# Server caps under which every request the schema allows costs about SMALL's (well under a
+# second on two CPU cores): a fuzz run may send anything valid. No refine rounds: each re-encodes
+# the drawn image at the model's minimum of 512 px a side (about 2 s on CPU). max_image_side 32
+# also refuses every edit (an edit draws at 512 px a side or more; 5 to 20 s on CPU).
+CHEAP = {
+    "max_image_side": 32,
+    "max_timesteps": 3,
+    "max_think_tokens": 4,
+    "max_refine_rounds": 0,
+    "max_partial_images": 1,
+    "max_prompt_tokens": 50,
+}
 
 
 def free_port() -> int:
@@ -73,10 +83,10 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(model, engine_factory=None, **settings) -> Iterator[LiveServer]:
+def live_server(model, **settings) -> Iterator[LiveServer]:
     settings.setdefault("keepalive_interval", 0.2)
     settings.setdefault("shutdown_timeout", 0.5)
-    app = create_app(Settings(**settings), model=model, engine_factory=engine_factory)
+    app = create_app(Settings(**settings), model=model)
     server = LiveServer(app).start()
     try:
         yield server
@@ -147,70 +157,6 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
-
-
-# --- a stub engine: the EngineClient interface, answering at once -----------------------------
-
-
-class StubStream:
-    def __init__(self, request_id: str, events: list) -> None:
-        self.id = request_id
-        self._events = events
-
-    async def __aiter__(self):
-        for event in self._events:
-            await asyncio.sleep(0)
-            yield event
-
-
-@dataclass
-class StubStats:
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 1
-    steps: int = 0
-    tokens_decoded: int = 0
-    denoise_steps: int = 0
-    healthy: bool = True
-    fault: str | None = None
-
-
-class StubEngine:
-    """Finishes every request at once with one tiny image per round: what a fuzz run needs."""
-
-    healthy = True
-    fault = None
-
-    def __init__(self, model=None, settings=None) -> None:
-        self.count = 0
-
-    def start(self) -> None:
-        pass
-
-    async def shutdown(self, timeout_s: float) -> None:
-        pass
-
-    def submit(self, params, request_id=None, deadline=None) -> StubStream:
-        self.count += 1
-        rounds = (
-            0
-            if params.recipe == "understand"
-            else (params.refine_rounds + 1 if params.recipe == "irg" else 1)
-        )
-        pixels = np.zeros((16, 16, 3), np.uint8)
-        events = [ev.Queued(0), ev.Started(0.0)]
-        for r in range(1, rounds + 1):
-            events += [ev.ImageProgress(r, 1, 1), ev.ImageDone(r, pixels)]
-        images = [{"round": r, "width": 16, "height": 16} for r in range(1, rounds + 1)]
-        events.append(ev.Finished([], images, params.seed, {"total": 0.0}, {"prompt_tokens": 1}))
-        return StubStream(request_id or f"stub-{self.count}", events)
-
-    def abort(self, request_id: str) -> bool:
-        return False
-
-    def stats(self) -> StubStats:
-        return StubStats()
 
 
 # --- `python -m server` in a subprocess -------------------------------------------------------

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from server.auth import bearer_token
-from tests.server_fixtures import StubEngine, live_server
+from tests.server_fixtures import CHEAP, live_server
 
 KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    with live_server(tiny_model, engine_factory=StubEngine, api_key=KEY) as s:
+    with live_server(tiny_model, api_key=KEY, **CHEAP) as s:
         yield s
 
 

@@ -34,6 +34,10 @@ def test_every_flag_has_an_env_variable():
         "IRG_MAX_IMAGE_PIXELS": "800",
         "IRG_MAX_PROMPT_TOKENS": "70",
         "IRG_MAX_THINK_TOKENS": "60",
+        "IRG_MAX_IMAGE_SIDE": "512",
+        "IRG_MAX_TIMESTEPS": "25",
+        "IRG_MAX_REFINE_ROUNDS": "0",
+        "IRG_MAX_PARTIAL_IMAGES": "2",
         "IRG_KEEPALIVE_INTERVAL": "2",
         "IRG_LOG_LEVEL": "debug",
     }
@@ -42,6 +46,8 @@ def test_every_flag_has_an_env_variable():
     assert s.model == Path("/weights") and s.port == 9000 and s.request_timeout == 12.5
     assert (s.max_running, s.max_queued, s.max_in_flight) == (3, 5, 8)
     assert (s.api_key, s.dtype, s.log_level, s.device) == ("k", "bfloat16", "debug", "cuda:1")
+    caps = (s.max_image_side, s.max_timesteps, s.max_refine_rounds, s.max_partial_images)
+    assert caps == (512, 25, 0, 2)
     help_text = build_parser().format_help()
     assert all(name in help_text for name in env)
 
@@ -49,6 +55,14 @@ def test_every_flag_has_an_env_variable():
 def test_flags_win_over_env():
     s = parse_settings(["--port", "1234", "--max-running", "2"], environ={"IRG_PORT": "9"})
     assert (s.port, s.max_running) == (1234, 2)
+
+
+def test_cost_caps_default_to_the_model_limits():
+    s = Settings()
+    caps = (s.max_image_side, s.max_timesteps, s.max_refine_rounds, s.max_partial_images)
+    assert caps == (1024, 200, 4, 3)
+    s = parse_settings(["--max-image-side", "64", "--max-timesteps", "3"], environ={})
+    assert (s.max_image_side, s.max_timesteps) == (64, 3)
 
 
 def test_empty_api_key_means_none():
@@ -64,6 +78,13 @@ def test_empty_api_key_means_none():
         ([], {"IRG_DTYPE": "int8"}),
         ([], {"IRG_KEEPALIVE_INTERVAL": "-1"}),
         (["--attention-backend", "magic"], {}),
+        (["--max-image-side", "2048"], {}),
+        (["--max-image-side", "100"], {}),  # not a multiple of 16
+        (["--max-image-side", "0"], {}),
+        (["--max-timesteps", "1"], {}),
+        (["--max-timesteps", "201"], {}),
+        ([], {"IRG_MAX_REFINE_ROUNDS": "5"}),
+        ([], {"IRG_MAX_PARTIAL_IMAGES": "-1"}),
     ],
 )
 def test_bad_values_exit_with_a_message(argv, env, capsys):

@@ -19,14 +19,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from irg_engine.events import Failed, Finished, ImageDone, ImagePartial
-from server import sse
+from server import caps, sse
 from server.connection import unless_disconnected
 from server.errors import ApiError, invalid
 from server.job import KEEPALIVE, Job
 from server.params import deadline_seconds, to_recipe_params
 from server.protocol import (
     MAX_SEED,
-    MAX_SIDE,
+    MIN_SIDE,
     ErrorResponse,
     GenerateRequest,
     ImagesRequest,
@@ -36,28 +36,32 @@ from server.protocol import (
 )
 from server.result import failure_error, png_b64
 from server.routes import state_of
+from server.settings import Settings
 
 router = APIRouter(prefix="/v1")
 IRG_EXTENSIONS = frozenset({"num_timesteps", "max_think_tokens", "temperature", "refine_rounds"})
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 429, 500, 503, 504)}
 
 
-def parse_size(size: str) -> tuple[int, int]:
+def parse_size(size: str, settings: Settings) -> tuple[int, int]:
+    """(width, height) of a `size`; "auto" is the largest default this server takes."""
     if size == "auto":
-        return MAX_SIDE, MAX_SIDE
+        return settings.max_image_side, settings.max_image_side
     w, sep, h = size.partition("x")
     try:
         width, height = int(w), int(h)
     except ValueError:
         width = height = -1
-    limit = f"WIDTHxHEIGHT, multiples of 16 in 16..{MAX_SIDE}, or auto"
-    if not sep or not all(16 <= s <= MAX_SIDE and s % 16 == 0 for s in (width, height)):
+    top = settings.max_image_side
+    if not sep or not all(MIN_SIDE <= s <= top and s % 16 == 0 for s in (width, height)):
+        limit = caps.size_rule(settings)
         raise invalid("size", f"size must be {limit}", size, limit)
     return width, height
 
 
-def as_generate(req: ImagesRequest, seed: int) -> GenerateRequest:
-    width, height = parse_size(req.size)
+def as_generate(req: ImagesRequest, seed: int, settings: Settings) -> GenerateRequest:
+    # An unset size is OpenAI's 1024x1024, or less on a server capped lower.
+    width, height = parse_size(req.size if "size" in req.model_fields_set else "auto", settings)
     # Only what the client set, so that defaults stay /generate's (and the server's caps).
     extensions = {name: getattr(req, name) for name in IRG_EXTENSIONS & req.model_fields_set}
     return GenerateRequest(
@@ -169,18 +173,21 @@ async def images_generations(body: ImagesRequest, request: Request):
         raise invalid("model", f"this server serves {state.model_id!r}", body.model, state.model_id)
     if body.stream and body.n != 1:
         raise invalid("n", "streaming supports n = 1", body.n, 1)
+    # Checked here too, under the names this request uses (partial_images is not /generate's).
+    caps.capped(body, state.settings)
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - 8)
     timeout = deadline_seconds(body.timeout_s, state.settings)
     params = [
         await asyncio.to_thread(
             to_recipe_params,
-            as_generate(body, base_seed + i),
+            as_generate(body, base_seed + i, state.settings),
             tokenizer,
             state.settings,
         )
         for i in range(body.n)
     ]
-    final_round = body.refine_rounds + 1
+    # The rounds in force: an unset refine_rounds may have been capped lower.
+    final_round = params[0].refine_rounds + 1
     tickets = state.admit_many(body.n)
     jobs = [Job(state, p, t, timeout) for p, t in zip(params, tickets, strict=True)]
     for i, job in enumerate(jobs):
