@@ -58,7 +58,10 @@ class Settings:
         metadata=_opt("seconds in-flight requests may finish after SIGTERM before being aborted"),
     )
     api_key: str | None = field(
-        default=None, metadata=_opt("require `Authorization: Bearer KEY` (not on /health, /ready)")
+        default=None,
+        metadata=_opt(
+            "require `Authorization: Bearer KEY` (not on /health, /ready or the page at /)"
+        ),
     )
     max_body_bytes: int = field(default=32 * MiB, metadata=_opt("largest request body"))
     max_image_bytes: int = field(default=16 * MiB, metadata=_opt("largest decoded input image"))
@@ -170,16 +173,16 @@ def build_parser(prog: str = "irg-server") -> argparse.ArgumentParser:
         prog=prog,
         description="IRG inference server. Every flag can also be set as IRG_<FLAG> "
         "(e.g. --max-running -> IRG_MAX_RUNNING).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(Settings):
         meta = dict(f.metadata)
+        shown = "" if f.default in (None, dataclasses.MISSING, "") else f"; default {f.default}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=_converter(f),
             default=None,  # None = not given; the environment or the dataclass default applies
-            help=f"{meta.pop('help')} [env {env_name(f.name)}]",
+            help=f"{meta.pop('help')} [env {env_name(f.name)}{shown}]",
             **meta,
         )
     return parser
