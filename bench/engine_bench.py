@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from irg_engine import checkpoint, events
-from irg_engine.engine import Engine, EngineConfig
+from irg_engine.config import EngineConfig
+from irg_engine.engine import Engine
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.request import Request
 from irg_engine.tiny import write_tiny

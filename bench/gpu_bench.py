@@ -22,8 +22,8 @@ import time
 import torch
 
 from irg_engine import events
-from irg_engine.config import BagelConfig, LMConfig, ViTConfig
-from irg_engine.engine import Engine, EngineConfig
+from irg_engine.config import BagelConfig, EngineConfig, LMConfig, ViTConfig
+from irg_engine.engine import Engine
 from irg_engine.model.bagel import Bagel, LoadedModel
 from irg_engine.model.embed import sincos_2d
 from irg_engine.model.vae import AutoEncoder, VaeConfig

@@ -184,7 +184,7 @@ def find_files(root: Path) -> CheckpointFiles:
     return CheckpointFiles(root, bagel, ae, llm, vit, info)
 
 
-def _tensor_headers(path: Path) -> dict[str, tuple[list[int], str]]:
+def tensor_headers(path: Path) -> dict[str, tuple[list[int], str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             names = f.keys()  # safe_open is not iterable itself
@@ -234,7 +234,7 @@ def build_config(files: CheckpointFiles) -> BagelConfig:
     llm, vit, info = files.llm_config, files.vit_config, files.info
     headers = {}
     for shard in files.bagel:
-        headers.update(_tensor_headers(shard))
+        headers.update(tensor_headers(shard))
     try:
         lm = LMConfig(
             hidden_size=llm["hidden_size"],
@@ -266,7 +266,7 @@ def build_config(files: CheckpointFiles) -> BagelConfig:
     return BagelConfig(
         lm=lm,
         vit=vit_cfg,
-        vae=_vae_config(_tensor_headers(files.ae), info),
+        vae=_vae_config(tensor_headers(files.ae), info),
         latent_patch_size=bagel_info.get("latent_patch_size", 2),
         max_latent_size=round(latent_rows**0.5),
     )
@@ -334,13 +334,13 @@ def load(
 
     headers: dict[str, tuple[list[int], str]] = {}
     for shard in files.bagel:
-        headers.update(_tensor_headers(shard))
+        headers.update(tensor_headers(shard))
     mapping, unknown = _published_to_internal(headers, cfg)
     expected = {k: v.shape for k, v in bagel.state_dict().items()}
     found = {mapping[k]: _patch_shape(k, headers[k][0]) for k in mapping}
     found.update({k: headers[k][0] for k in unknown})
     _check_names(", ".join(p.name for p in files.bagel), expected, found)
-    ae_headers = _tensor_headers(files.ae)
+    ae_headers = tensor_headers(files.ae)
     _check_names(
         files.ae.name,
         {k: v.shape for k, v in vae.state_dict().items()},
@@ -378,61 +378,19 @@ def _patch_shape(name: str, shape: list[int]) -> list[int]:
     return shape
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def inspect(root: str | Path) -> str:
-    """A human-readable summary of a checkpoint folder (files, tensors, parameters, config)."""
-    files = find_files(Path(root))
-    cfg = build_config(files)
-    lines = [f"checkpoint {files.root}"]
-    for p in sorted(files.root.iterdir()):
-        if p.is_file():
-            lines.append(f"  {p.name:32s} {_human(p.stat().st_size):>10s}")
-    for path in [*files.bagel, files.ae]:
-        headers = _tensor_headers(path)
-        groups: dict[str, int] = {}
-        dtypes: dict[str, int] = {}
-        for name, (shape, dt) in headers.items():
-            count = 1
-            for s in shape:
-                count *= s
-            top = name.split(".")[0]
-            groups[top] = groups.get(top, 0) + count
-            dtypes[dt] = dtypes.get(dt, 0) + 1
-        total = sum(groups.values())
-        lines.append(f"{path.name}: {len(headers)} tensors, {total:,} parameters, dtypes {dtypes}")
-        for top, count in sorted(groups.items()):
-            lines.append(f"  {top:24s} {count:>15,}")
-    lm, vit, vae = cfg.lm, cfg.vit, cfg.vae
-    lines += [
-        f"language model: hidden {lm.hidden_size}, {lm.num_layers} layers, {lm.num_heads} heads / "
-        f"{lm.num_kv_heads} kv heads of {lm.head_dim}, mlp {lm.intermediate_size}, "
-        f"vocab {lm.vocab_size}, rope theta {lm.rope_theta:g}, qk-norm on, 2 experts",
-        f"vision: hidden {vit.hidden_size}, {vit.num_layers} layers used, {vit.num_heads} heads, "
-        f"patch {vit.patch_size}, {vit.max_patches_per_side}x{vit.max_patches_per_side} positions",
-        f"autoencoder: ch {vae.ch}, ch_mult {list(vae.ch_mult)}, {vae.num_res_blocks} res blocks, "
-        f"z {vae.z_channels}, downsample {vae.downsample}",
-        f"latent grid {cfg.max_latent_size}x{cfg.max_latent_size}, patch {cfg.latent_patch_size}",
-    ]
-    if files.info.get("random_weights"):
-        lines.append("note: RANDOM weights (a tiny test model, not a trained checkpoint)")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m irg_engine.checkpoint")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("inspect", help="print what a checkpoint folder holds").add_argument("dir")
     args = parser.parse_args(argv)
+    # Run as `python -m`, this file is `__main__`; the report imports `irg_engine.checkpoint`,
+    # whose CheckpointError is the one raised.
+    from irg_engine import checkpoint
+    from irg_engine.checkpoint_report import inspect
+
     try:
         print(inspect(args.dir))
-    except CheckpointError as e:
+    except checkpoint.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from irg_engine import events as ev
-from irg_engine.engine import Engine, EngineConfig, EngineStats
+from irg_engine.config import EngineConfig, EngineStats
+from irg_engine.engine import Engine
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.recipes.params import RecipeParams
 from irg_engine.request import Request

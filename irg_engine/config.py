@@ -1,7 +1,8 @@
-"""Model settings as dataclasses: the language model, the vision encoder and the BAGEL glue.
+"""Settings as dataclasses: the language model, the vision encoder, the BAGEL glue, the engine.
 
-`checkpoint.py` fills these from a checkpoint folder's JSON files (applying the overrides the
-published code applies); `tiny.py` writes small ones; the model modules only read them.
+`checkpoint.py` fills the model settings from a checkpoint folder's JSON files (applying the
+overrides the published code applies); `tiny.py` writes small ones; the model modules only read
+them. `EngineConfig` shapes the batched engine and `EngineStats` is what it reports.
 """
 
 from __future__ import annotations
@@ -76,3 +77,34 @@ class BagelConfig:
     @property
     def pixels_per_latent_token(self) -> int:
         return self.latent_patch_size * self.vae.downsample
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_running: int = 16
+    max_waiting: int = 256
+    token_budget: int = 8192
+    block_size: int = 16
+    kv_tokens: int = 0  # 0: sized automatically (see `engine.auto_kv_tokens`)
+    attention_backend: str = "auto"  # auto | sdpa | xformers (see irg_engine.attention)
+    prefix_cache_entries: int = 8
+    image_workers: int = 1  # threads for VAE encodes/decodes beside the step loop
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:
+            raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
+        if self.image_workers < 1:
+            raise ValueError("image_workers must be >= 1")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    steps: int
+    tokens_decoded: int
+    denoise_steps: int
+    healthy: bool
+    fault: str | None

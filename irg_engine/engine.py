@@ -18,16 +18,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import deque
 
 import torch
 
 from irg_engine import events as ev
 from irg_engine.attention import resolve_backend
 from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.config import EngineConfig, EngineStats
 from irg_engine.image_work import ImageWork
 from irg_engine.model.bagel import LoadedModel
+from irg_engine.prefix_cache import PrefixCache
 from irg_engine.recipes import program as recipe_program
 from irg_engine.recipes.work import (
     LM_WORK,
@@ -44,37 +45,6 @@ from irg_engine.runner import Runner, Scheduled
 from irg_engine.scheduler import Pending, Scheduler
 
 log = logging.getLogger("irg_engine")
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    max_running: int = 16
-    max_waiting: int = 256
-    token_budget: int = 8192
-    block_size: int = 16
-    kv_tokens: int = 0  # 0: sized automatically (see `auto_kv_tokens`)
-    attention_backend: str = "auto"  # auto | sdpa | xformers (see irg_engine.attention)
-    prefix_cache_entries: int = 8
-    image_workers: int = 1  # threads for VAE encodes/decodes beside the step loop
-
-    def __post_init__(self) -> None:
-        if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:
-            raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
-        if self.image_workers < 1:
-            raise ValueError("image_workers must be >= 1")
-
-
-@dataclass(slots=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    steps: int
-    tokens_decoded: int
-    denoise_steps: int
-    healthy: bool
-    fault: str | None
 
 
 def auto_kv_tokens(model: LoadedModel) -> int:
@@ -105,7 +75,7 @@ class Engine:
         self.pool = BlockPool(-(-kv_tokens // cfg.block_size), cfg.block_size)
         self.runner = Runner(model, self.pool, resolve_backend(cfg.attention_backend))
         self.scheduler = Scheduler(cfg.token_budget, cfg.block_size)
-        self.prefix_cache: OrderedDict[tuple[int, ...], KVSequence] = OrderedDict()
+        self.prefix_cache = PrefixCache(self.pool, cfg.prefix_cache_entries)
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
         self.lock = threading.Lock()
@@ -185,7 +155,7 @@ class Engine:
         for rid in plan.preempt:
             self._preempt(self.running[rid])
         if not plan.run:
-            if plan.preempt or self._evict_prefix_cache():
+            if plan.preempt or self.prefix_cache.evict():
                 return True
             if self.images.in_flight:  # others are encoding/decoding images; blocks may free up
                 self.images.wait(0.05)
@@ -262,7 +232,7 @@ class Engine:
                 item.ids = item.ids[sch.tokens :]
                 return
             if req.prefix_key is not None:
-                self._store_prefix(req.prefix_key, item.ctx)
+                self.prefix_cache.store(req.prefix_key, item.ctx)
                 req.prefix_key = None
         self._send(req, sch.result)
 
@@ -326,14 +296,9 @@ class Engine:
         item = req.pending
         if isinstance(item, PrefillText) and item.shared and item.ctx.length == 0:
             key = tuple(item.ids)
-            cached = self.prefix_cache.get(key)
-            if cached is None:
+            if not self.prefix_cache.adopt(key, item.ctx):
                 req.prefix_key = key
                 return
-            self.prefix_cache.move_to_end(key)
-            seq = item.ctx
-            self.pool.retain(cached.blocks)
-            seq.blocks, seq.length, seq.rope = list(cached.blocks), cached.length, cached.rope
             req.usage["prompt_tokens"] += len(item.ids)
             self._send(req, None)
             self._advance_inline(req)
@@ -353,22 +318,8 @@ class Engine:
     def close(self) -> None:
         self.images.close()
 
-    def _store_prefix(self, key: tuple[int, ...], seq: KVSequence) -> None:
-        if key in self.prefix_cache or self.config.prefix_cache_entries == 0:
-            return
-        self.prefix_cache[key] = seq.fork(self.pool, "prefix")
-        while len(self.prefix_cache) > self.config.prefix_cache_entries:
-            self.prefix_cache.popitem(last=False)[1].free(self.pool)
-
-    def _evict_prefix_cache(self) -> bool:
-        if not self.prefix_cache:
-            return False
-        self.prefix_cache.popitem(last=False)[1].free(self.pool)
-        return True
-
     def clear_prefix_cache(self) -> None:
-        while self._evict_prefix_cache():
-            pass
+        self.prefix_cache.clear()
 
     # -- endings ------------------------------------------------------------------------------
     def _preempt(self, req: Request) -> None:

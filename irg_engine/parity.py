@@ -26,7 +26,8 @@ import torch
 from safetensors.numpy import load_file
 
 from irg_engine import checkpoint
-from irg_engine.engine import Engine, EngineConfig
+from irg_engine.config import EngineConfig
+from irg_engine.engine import Engine
 from irg_engine.events import FINAL, Failed
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.recipes.dense import DenseContexts, drive

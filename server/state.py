@@ -49,7 +49,7 @@ def load_model(settings: Settings) -> LoadedModel:
 def make_engine(model: LoadedModel, settings: Settings):
     """The engine client for these settings (imported late: the engine pulls in the runner)."""
     from irg_engine.client import EngineClient
-    from irg_engine.engine import EngineConfig
+    from irg_engine.config import EngineConfig
 
     # Admission keeps the engine's queue within max_queued; the engine's own cap is only a
     # backstop, with room for a request that finished but is not yet off its running list.

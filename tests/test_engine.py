@@ -11,7 +11,8 @@ from PIL import Image
 
 from irg_engine import events as ev
 from irg_engine.client import EngineClient
-from irg_engine.engine import Engine, EngineConfig
+from irg_engine.config import EngineConfig
+from irg_engine.engine import Engine
 from irg_engine.parity import rel_l2
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.recipes.params import Observer
