@@ -176,11 +176,7 @@ class Engine:
         return seq.blocks_needed(self.pool, item.tokens)
 
     def _run_batch(self, batch: list[tuple[Request, Scheduled]]) -> None:
-        snapshots = [
-            (seq, list(seq.blocks), seq.length, seq.rope)
-            for _, s in batch
-            for seq in self._written(s.item)
-        ]
+        snapshots = self._snapshot([s.item for _, s in batch])
         try:
             self.runner.step([s for _, s in batch])
         except Exception as error:  # isolate the request that caused it
@@ -188,9 +184,7 @@ class Engine:
             self._rollback(snapshots)
             done, failed = [], []
             for req, sch in batch:
-                snap = [
-                    (seq, list(seq.blocks), seq.length, seq.rope) for seq in self._written(sch.item)
-                ]
+                snap = self._snapshot([sch.item])
                 try:
                     self.runner.step([sch])
                     done.append((req, sch))
@@ -211,8 +205,10 @@ class Engine:
             self._deliver(req, sch)
 
     @staticmethod
-    def _written(item) -> list[KVSequence]:
-        return [] if isinstance(item, Velocity) else [item.ctx]
+    def _snapshot(items: list) -> list[tuple[KVSequence, list[int], int, int]]:
+        """The layout of every sequence these items write, for `_rollback`."""
+        written = [item.ctx for item in items if not isinstance(item, Velocity)]
+        return [(seq, list(seq.blocks), seq.length, seq.rope) for seq in written]
 
     def _rollback(self, snapshots) -> None:
         for seq, blocks, length, rope in snapshots:

@@ -76,10 +76,10 @@ def text_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> N
     checks.close("decode.logits", torch.stack([lg for _, lg in steps]), e["decode.logits"])
 
 
-def _block_inputs(model: LoadedModel, inner: torch.Tensor) -> torch.Tensor:
+def _block_inputs(model: LoadedModel, inner: torch.Tensor, gen: bool) -> torch.Tensor:
+    """The LM input rows of an image block, built as both executors build them."""
     tok = model.tokenizer
-    markers = model.bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end]))
-    return torch.cat([markers[:1], inner, markers[1:]])
+    return model.bagel.image_block(inner, gen, (tok.vision_start, tok.vision_end), 0)[0]
 
 
 def _block_program(item_type, *args):
@@ -109,7 +109,7 @@ def vit_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> No
     checks.close("connector_output", model.bagel.vit.connect(encoded), e["connector_output"])
     feats = model.bagel.embed_vit(patches, ids)
     checks.close("vit_features", feats, e["vit_features"])
-    checks.close("llm_block_input", _block_inputs(model, feats), e["llm_block_input"])
+    checks.close("llm_block_input", _block_inputs(model, feats, False), e["llm_block_input"])
     kv, rope = ex.run(_block_program(PrefillVit, patches, ids))
     # A block shares the position its context had (0 here) and advances it by one.
     checks.equal("llm_position_ids", np.full(kv[0][0].shape[0], rope - 1), e["llm_position_ids"])
@@ -131,8 +131,8 @@ def vae_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> No
     h, w = latent.shape[-2] // p, latent.shape[-1] // p
     pos = images.latent_position_ids(h, w, model.cfg.max_latent_size)
     checks.equal("vae_block.latent_position_ids", pos, e["vae_block.latent_position_ids"])
-    rows = model.bagel.embed_latents(tokens, torch.zeros(h * w), pos)
-    checks.close("vae_block.llm_input", _block_inputs(model, rows), e["vae_block.llm_input"])
+    rows = model.bagel.context_latent_rows(latent)
+    checks.close("vae_block.llm_input", _block_inputs(model, rows, True), e["vae_block.llm_input"])
     kv, rope = ex.run(_block_program(PrefillLatent, latent))
     checks.equal(
         "vae_block.position_ids", np.full(kv[0][0].shape[0], rope - 1), e["vae_block.position_ids"]

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from irg_engine import images
 from irg_engine.attention import segment_attention
 from irg_engine.block_pool import BlockPool, KVSequence
 from irg_engine.model.bagel import LoadedModel
@@ -165,7 +164,7 @@ class Runner:
         """Run one packed forward for the batch and store each item's result on it."""
         bagel, tok = self.model.bagel, self.model.tokenizer
         dev = self.device
-        markers = bagel.embed_text(torch.tensor([tok.vision_start, tok.vision_end], device=dev))
+        markers = (tok.vision_start, tok.vision_end)
         rows: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
         gen: list[torch.Tensor] = []
@@ -181,12 +180,6 @@ class Runner:
             segments.append(Segment(n, n + x.shape[0], causal, ctx_slots, own_slots))
             n += x.shape[0]
             return n - x.shape[0], n
-
-        def block(inner, is_gen: bool, rope: int):
-            x = torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])
-            mask = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
-            mask[1:-1] = is_gen
-            return x, torch.full((x.shape[0],), rope, dtype=torch.long, device=dev), mask
 
         for sch in batch:
             item = sch.item
@@ -204,17 +197,19 @@ class Runner:
             elif isinstance(item, (PrefillLatent, PrefillVit)):
                 seq = item.ctx
                 if isinstance(item, PrefillLatent):
-                    inner = self._latent_rows(item.latent, 0.0)
+                    inner = bagel.context_latent_rows(item.latent)
                 else:
                     inner = bagel.embed_vit(item.patches.to(dev), item.ids.to(dev))
-                x, pos, mask = block(inner, isinstance(item, PrefillLatent), seq.rope)
+                x, pos, mask = bagel.image_block(
+                    inner, isinstance(item, PrefillLatent), markers, seq.rope
+                )
                 ctx, own = self._reserve(seq, x.shape[0])
                 add(x, pos, mask, False, ctx, own)
                 seq.rope += 1
             elif isinstance(item, Velocity):
-                inner = self._latent_rows(item.x, item.t, item.grid)
+                inner = bagel.latent_rows(item.x, item.t, item.grid)
                 for seq in item.contexts:
-                    x, pos, mask = block(inner, True, seq.rope)
+                    x, pos, mask = bagel.image_block(inner, True, markers, seq.rope)
                     spans.append(add(x, pos, mask, False, self._context_slots(seq), None))
             outputs.append((sch, spans))
         hidden = bagel(
@@ -231,17 +226,3 @@ class Runner:
                 sch.result = next(rows_iter)
             elif isinstance(sch.item, Velocity):
                 sch.result = [bagel.velocity(hidden[a + 1 : b - 1]).cpu() for a, b in spans]
-
-    def _latent_rows(self, latent_or_tokens: torch.Tensor, t: float, grid=None) -> torch.Tensor:
-        cfg = self.model.cfg
-        dev = self.device
-        if grid is None:  # a clean latent [1, C, 2h, 2w] entering as context
-            p = cfg.latent_patch_size
-            grid = (latent_or_tokens.shape[-2] // p, latent_or_tokens.shape[-1] // p)
-            tokens = images.patchify_latent(latent_or_tokens, p)
-        else:
-            tokens = latent_or_tokens
-        h, w = grid
-        pos = images.latent_position_ids(h, w, cfg.max_latent_size).to(dev)
-        tt = torch.full((h * w,), float(t), device=dev)
-        return self.model.bagel.embed_latents(tokens.to(dev), tt, pos)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from irg_engine import images
 from irg_engine.attention import AttentionPlan
 from irg_engine.config import BagelConfig
 from irg_engine.model.embed import PositionTable, TimestepEmbedder
@@ -60,6 +61,35 @@ class Bagel(nn.Module):
         """Rows for latent tokens `[n, 64]`; `t` holds one shifted timestep per row."""
         x = self.vae2llm(tokens.to(self.dtype))
         return x + self.time_embedder(t) + self.latent_pos(pos_ids)
+
+    def latent_rows(self, tokens: torch.Tensor, t: float, grid: tuple[int, int]) -> torch.Tensor:
+        """Rows of latent tokens `[h*w, C*p*p]` laid out on an h x w grid, all at timestep t."""
+        h, w = grid
+        dev = self.device
+        pos = images.latent_position_ids(h, w, self.cfg.max_latent_size).to(dev)
+        tt = torch.full((h * w,), float(t), device=dev)
+        return self.embed_latents(tokens.to(dev), tt, pos)
+
+    def context_latent_rows(self, latent: torch.Tensor) -> torch.Tensor:
+        """Rows of a clean latent `[1, C, 2h, 2w]` entering as context (timestep 0)."""
+        p = self.cfg.latent_patch_size
+        grid = (latent.shape[-2] // p, latent.shape[-1] // p)
+        return self.latent_rows(images.patchify_latent(latent, p), 0.0, grid)
+
+    def image_block(
+        self, inner: torch.Tensor, gen: bool, markers: tuple[int, int], rope: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An image block: the two marker ids' rows around `inner`, all at position `rope`.
+
+        Returns (rows, positions, generation-expert mask); the markers always use the
+        understanding expert, the inner rows the generation expert when `gen`.
+        """
+        dev = self.device
+        ends = self.embed_text(torch.tensor(markers, dtype=torch.long, device=dev))
+        x = torch.cat([ends[:1], inner.to(ends.dtype), ends[1:]])
+        mask = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
+        mask[1:-1] = gen
+        return x, torch.full((x.shape[0],), rope, dtype=torch.long, device=dev), mask
 
     def forward(
         self,

@@ -92,26 +92,16 @@ def _image_block(
 ) -> torch.Tensor:
     """Markers around `inner` rows, all at one position, bidirectional; returns inner hidden."""
     tok = model.tokenizer
-    dev = model.bagel.device
-    markers = model.bagel.embed_text(_ids([tok.vision_start, tok.vision_end], dev))
-    x = torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])
-    n = x.shape[0]
-    positions = torch.full((n,), ctx.rope, dtype=torch.long, device=dev)
-    mask = torch.zeros(n, dtype=torch.bool, device=dev)
-    mask[1:-1] = gen
+    x, positions, mask = model.bagel.image_block(
+        inner, gen, (tok.vision_start, tok.vision_end), ctx.rope
+    )
     hidden = _run(model, ctx, x, positions, mask, causal=False, write=write)
     return hidden[1:-1]
 
 
 def prefill_vae_block(model: LoadedModel, ctx: Context, latent: torch.Tensor) -> None:
     """Append a clean latent `[1, C, 2h, 2w]` as a VAE block (timestep 0)."""
-    p = model.cfg.latent_patch_size
-    h, w = latent.shape[-2] // p, latent.shape[-1] // p
-    dev = model.bagel.device
-    tokens = images.patchify_latent(latent, p).to(dev)
-    pos = images.latent_position_ids(h, w, model.cfg.max_latent_size).to(dev)
-    t = torch.zeros(h * w, device=dev)
-    _image_block(model, ctx, model.bagel.embed_latents(tokens, t, pos), gen=True, write=True)
+    _image_block(model, ctx, model.bagel.context_latent_rows(latent), gen=True, write=True)
     ctx.rope += 1
 
 
@@ -135,11 +125,7 @@ def predict_velocity(
     model: LoadedModel, ctx: Context, x_t: torch.Tensor, t: float, grid: tuple[int, int]
 ) -> torch.Tensor:
     """Velocity `[h*w, C*p*p]` for noisy latent tokens queried against ctx (never written)."""
-    h, w = grid
-    dev = model.bagel.device
-    pos = images.latent_position_ids(h, w, model.cfg.max_latent_size).to(dev)
-    tt = torch.full((h * w,), float(t), device=dev)
-    rows = model.bagel.embed_latents(x_t.to(dev), tt, pos)
+    rows = model.bagel.latent_rows(x_t, t, grid)
     hidden = _image_block(model, ctx, rows, gen=True, write=False)
     return model.bagel.velocity(hidden)
 
