@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         help="engine threads for VAE encodes/decodes beside the step loop",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)  # bagel-7b passes its own flags on to gpu_bench
+    if args.preset == "tiny" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.preset == "bagel-7b":
         from gpu_bench import main as gpu_main  # the full-size benchmark needs a GPU
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 
 import torch
 
@@ -197,6 +198,24 @@ def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
     }
 
 
+def run_phase(result: dict, name: str, fn, out: str | None) -> None:
+    """Run one phase; a failure is recorded and the remaining phases still run."""
+    t0 = time.perf_counter()
+    print(f"[gpu_bench] {name} ...", file=sys.stderr, flush=True)
+    try:
+        with torch.no_grad():
+            fn()
+    except Exception as e:  # a benchmark reports every phase it can
+        traceback.print_exc()
+        result.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+    print(
+        f"[gpu_bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True
+    )
+    if out:  # written after every phase: a run cut short still leaves what it measured
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--shape", choices=["bagel-7b", "tiny"], default="bagel-7b")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--timesteps", type=int, default=50)
     p.add_argument("--think-tokens", type=int, default=256)
@@ -216,46 +236,60 @@ def main(argv: list[str] | None = None) -> int:
         help="timesteps of the throughput run (kept short to fit one device call)",
     )
     p.add_argument("--concurrent-think-tokens", type=int, default=64)
+    p.add_argument("--out", help="also write the JSON here, after every phase")
     p.add_argument("--json", action="store_true")
     args, _ = p.parse_known_args(argv)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = getattr(torch, args.dtype or default_dtype)
     cfg = bagel_7b() if args.shape == "bagel-7b" else tiny_config(152064)
     t0 = time.perf_counter()
     model = random_model(cfg, device, dtype)
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": args.shape,
+        "dtype": str(dtype),
         "build_s": time.perf_counter() - t0,
+        "floors": FLOORS,
+        "anchors": ANCHORS,
     }
     config = EngineConfig(max_running=max(32, args.concurrent), token_budget=16384)
     engine = Engine(model, config)
-    with torch.no_grad():
-        result.update(bench_denoise(model, engine, args.size, repeat=3))
-        for batch in (1, 8, 32):
-            result.update(bench_decode(model, engine, batch, 600, steps=20))
+    steps = [("denoise", lambda: bench_denoise(model, engine, args.size, repeat=3))]
+    steps += [
+        (f"decode_{b}", lambda b=b: bench_decode(model, engine, b, 600, steps=20))
+        for b in (1, 8, 32)
+    ]
+    for name, fn in steps:
+        run_phase(result, name, lambda fn=fn: result.update(fn()), args.out)
     engine.close()
-    del engine
-    result["irg_alone"] = bench_irg(model, config, 1, args)
-    alone = result["irg_alone"]["seconds"]
-    passes = 2 * (args.timesteps - 1) + 3 * (args.timesteps - 1)  # upper bound on branch passes
-    result["irg_alone_vs_denoise_floor"] = alone / (passes * FLOORS["denoise_1024_ms"] / 1e3)
-    short = argparse.Namespace(
-        size=args.size,
-        timesteps=args.concurrent_timesteps,
-        think_tokens=args.concurrent_think_tokens,
-    )
-    result["irg_concurrent"] = bench_irg(model, config, args.concurrent, short)
-    ceiling = 1.0 / (5 * (args.concurrent_timesteps - 1) * result["denoise_ms"] / 1e3)
-    result["irg_concurrent_vs_denoise_ceiling"] = (
-        result["irg_concurrent"]["requests_per_s"] / ceiling
-    )
-    result["floors"], result["anchors"] = FLOORS, ANCHORS
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(json.dumps(result, indent=2))
-    return 0
+    steps.clear()  # drops the engine's KV cache before the request runs build their own
+    engine = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the request runs size their KV pool from free memory
+
+    def alone() -> None:
+        result["irg_alone"] = bench_irg(model, config, 1, args)
+        passes = 5 * (args.timesteps - 1)  # upper bound: 2 branches for image 1, 3 for image 2
+        floor = passes * FLOORS["denoise_1024_ms"] / 1e3
+        result["irg_alone_vs_denoise_floor"] = result["irg_alone"]["seconds"] / floor
+
+    def concurrent() -> None:
+        short = argparse.Namespace(
+            size=args.size,
+            timesteps=args.concurrent_timesteps,
+            think_tokens=args.concurrent_think_tokens,
+        )
+        result["irg_concurrent"] = bench_irg(model, config, args.concurrent, short)
+        if "denoise_ms" in result:
+            ceiling = 1.0 / (5 * (args.concurrent_timesteps - 1) * result["denoise_ms"] / 1e3)
+            rate = result["irg_concurrent"]["requests_per_s"]
+            result["irg_concurrent_vs_denoise_ceiling"] = rate / ceiling
+
+    run_phase(result, "irg_alone", alone, args.out)
+    run_phase(result, "irg_concurrent", concurrent, args.out)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 1 if result.get("errors") else 0
 
 
 if __name__ == "__main__":

@@ -110,13 +110,14 @@ class Case:
 
 
 class ModelCache:
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self._models: dict[Path, LoadedModel] = {}
 
     def get(self, case: Case) -> LoadedModel:
         path = (case.root / case.spec["checkpoint"]).resolve()
         if path not in self._models:
-            self._models[path] = checkpoint.load(path, dtype=torch.float32)
+            self._models[path] = checkpoint.load(path, self.device, dtype=torch.float32)
         return self._models[path]
 
 
@@ -209,10 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the cases through the batched engine, all submitted at once",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs (float32 everywhere; TF32 stays off so CUDA is compared exactly)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="list every failure")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    models = ModelCache()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    models = ModelCache(args.device)
     executors: dict[int, Executor] = {}
 
     def one(root: Path) -> tuple[str, Checks, float]:

@@ -245,3 +245,22 @@ def test_async_client_streams_and_aborts(tiny_model):
             client.submit(RecipeParams("late", **SMALL))
 
     asyncio.run(main())
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_the_cpu_reference(tiny_dir, tiny_model):
+    from irg_engine import checkpoint
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cuda_model = checkpoint.load(tiny_dir, "cuda", dtype=torch.float32)
+    params = mixed_requests()
+    _, events, recorders = run_engine(cuda_model, params)
+    for i, p in enumerate(params):
+        ref_rec = Recorder()
+        ref = run(tiny_model, p, ref_rec)
+        final = events[i][-1]
+        assert isinstance(final, ev.Finished), final
+        assert [t["text"] for t in final.texts] == [t.text for t in ref.texts], p
+        for r, tokens in ref_rec.latents.items():
+            assert rel_l2(recorders[i].latents[r], tokens) < 1e-4
