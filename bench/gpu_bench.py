@@ -135,7 +135,9 @@ def bench_denoise(model: LoadedModel, engine: Engine, size: int, repeat: int) ->
     }
 
 
-def bench_decode(model: LoadedModel, engine: Engine, batch: int, context: int, steps: int) -> dict:
+def bench_decode(
+    model: LoadedModel, engine: Engine, batch: int, context: int, steps: int, graphs: bool
+) -> dict:
     ctx = RequestContexts(engine.pool)
     seqs = [ctx.new(f"r{i}") for i in range(batch)]
     for seq in seqs:
@@ -143,9 +145,16 @@ def bench_decode(model: LoadedModel, engine: Engine, batch: int, context: int, s
             [Scheduled(PrefillText(seq, list(range(1000, 1000 + context))), context)]
         )
     step = lambda: engine.runner.step([Scheduled(DecodeStep(s, 42), 1) for s in seqs])  # noqa: E731
-    seconds = timed(step, model.bagel.device, steps)
-    ctx.free_all()
-    return {f"decode_{batch}_ms": seconds * 1e3, f"decode_{batch}_tokens_per_s": batch / seconds}
+    kept = engine.runner.graphs
+    if not graphs:
+        engine.runner.graphs = None  # the packed eager forward, for comparison
+    try:
+        seconds = timed(step, model.bagel.device, steps)
+    finally:
+        engine.runner.graphs = kept
+        ctx.free_all()
+    tag = f"decode_{batch}" if graphs else f"decode_eager_{batch}"
+    return {f"{tag}_ms": seconds * 1e3, f"{tag}_tokens_per_s": batch / seconds}
 
 
 class StageClock(Observer):
@@ -257,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, config)
     steps = [("denoise", lambda: bench_denoise(model, engine, args.size, repeat=3))]
     steps += [
-        (f"decode_{b}", lambda b=b: bench_decode(model, engine, b, 600, steps=20))
+        (f"decode_{b}", lambda b=b: bench_decode(model, engine, b, 600, 20, graphs=True))
         for b in (1, 8, 32)
+    ]
+    steps += [
+        (f"decode_eager_{b}", lambda b=b: bench_decode(model, engine, b, 600, 10, graphs=False))
+        for b in (1, 32)
     ]
     for name, fn in steps:
         run_phase(result, name, lambda fn=fn: result.update(fn()), args.out)

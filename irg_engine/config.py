@@ -89,12 +89,19 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | sdpa | xformers (see irg_engine.attention)
     prefix_cache_entries: int = 8
     image_workers: int = 1  # threads for VAE encodes/decodes beside the step loop
+    # Decode-only steps: auto = replayed as CUDA graphs on CUDA, the packed forward elsewhere;
+    # off = always the packed forward; static = the graphs' static buffers, run eagerly (tests).
+    decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:
             raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
         if self.image_workers < 1:
             raise ValueError("image_workers must be >= 1")
+        if self.decode_graphs not in ("auto", "off", "static"):
+            raise ValueError(
+                f"decode_graphs must be auto, off or static, got {self.decode_graphs!r}"
+            )
 
 
 @dataclass(slots=True)

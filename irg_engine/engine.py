@@ -73,7 +73,13 @@ class Engine:
         cfg = self.config
         kv_tokens = cfg.kv_tokens or auto_kv_tokens(model)
         self.pool = BlockPool(-(-kv_tokens // cfg.block_size), cfg.block_size)
-        self.runner = Runner(model, self.pool, resolve_backend(cfg.attention_backend))
+        self.runner = Runner(
+            model,
+            self.pool,
+            resolve_backend(cfg.attention_backend),
+            cfg.decode_graphs,
+            max_batch=cfg.max_running,
+        )
         self.scheduler = Scheduler(cfg.token_budget, cfg.block_size)
         self.prefix_cache = PrefixCache(self.pool, cfg.prefix_cache_entries)
         self.waiting: deque[Request] = deque()

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device",
         default="cpu",
-        help="where the model runs (float32 everywhere; TF32 stays off so CUDA is compared exactly)",
+        help="where the model runs (float32 everywhere, TF32 off: CUDA is compared exactly)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="list every failure")
     args = parser.parse_args(argv)

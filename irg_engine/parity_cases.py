@@ -104,6 +104,7 @@ def vit_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> No
     )
     patches, ids = vit_inputs(model.cfg.vit, image)
     checks.equal("vit_position_ids", ids, e["vit_position_ids"])
+    patches, ids = patches.to(model.bagel.device), ids.to(model.bagel.device)
     encoded = model.bagel.vit.encode(patches, ids)
     checks.close("vit_encoder_output", encoded, e["vit_encoder_output"])
     checks.close("connector_output", model.bagel.vit.connect(encoded), e["connector_output"])
@@ -118,7 +119,7 @@ def vit_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> No
 
 def vae_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> None:
     e = case.expected
-    x = images.pil_to_tensor(Image.fromarray(e["image_uint8"]))[None]
+    x = images.pil_to_tensor(Image.fromarray(e["image_uint8"]))[None].to(model.bagel.device)
     checks.close("encoder_moments", model.vae.encode_moments(x), e["encoder_moments"])
     latent = model.vae.encode(x)
     checks.close("latent", latent, e["latent"])
@@ -273,7 +274,7 @@ def irg_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> No
     checks.equal("image1_context.vit_position_ids", vit_ids, e["image1_context.vit_position_ids"])
     checks.close(
         "image1_context.vit_features",
-        model.bagel.embed_vit(patches, vit_ids),
+        model.bagel.embed_vit(patches.to(model.bagel.device), vit_ids.to(model.bagel.device)),
         e["image1_context.vit_features"],
     )
     noises = {1: case.tensor("image1.noise"), 2: case.tensor("image2.noise")}

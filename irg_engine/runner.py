@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from irg_engine.attention import segment_attention
+from irg_engine.attention.decode import decode_attention
 from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.decode_graph import DecodeGraphs
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.recipes.context import decode_latents, encode_latent
 from irg_engine.recipes.work import DecodeStep, PrefillLatent, PrefillText, PrefillVit, Velocity
@@ -76,7 +77,9 @@ class PagedPlan:
             vc.index_copy_(0, self.write_slots, v.index_select(0, self.write_rows).to(vc.dtype))
         out = torch.empty_like(q)
         if self.decode_rows is not None:
-            out[self.decode_rows] = self._decode_batch(q, kc, vc)
+            out[self.decode_rows] = decode_attention(
+                q.index_select(0, self.decode_rows), kc, vc, self.decode_index, self.decode_mask
+            )
         for s in self.others:
             if s.own_slots is not None:
                 slots = self.full_slots[id(s)]
@@ -89,21 +92,6 @@ class PagedPlan:
             )
         return out
 
-    def _decode_batch(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-        """All decode queries at once: padded gather of their contexts, one masked SDPA call."""
-        b, length = self.decode_index.shape
-        ks = kc[self.decode_index.flatten()].view(b, length, *kc.shape[1:]).transpose(1, 2)
-        vs = vc[self.decode_index.flatten()].view(b, length, *vc.shape[1:]).transpose(1, 2)
-        qs = q[self.decode_rows].unsqueeze(2)  # [b, heads, 1, dim]
-        out = F.scaled_dot_product_attention(
-            qs,
-            ks.to(q.dtype),
-            vs.to(q.dtype),
-            attn_mask=self.decode_mask[:, None, None, :],
-            enable_gqa=qs.shape[1] != ks.shape[1],
-        )
-        return out.squeeze(2)
-
 
 @dataclass(slots=True)
 class Scheduled:
@@ -115,17 +103,30 @@ class Scheduled:
 
 
 class Runner:
-    def __init__(self, model: LoadedModel, pool: BlockPool, backend: str = "sdpa") -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        pool: BlockPool,
+        backend: str = "sdpa",
+        decode_graphs: str = "auto",
+        max_batch: int = 64,
+    ) -> None:
         self.model, self.pool, self.backend = model, pool, backend
         lm = model.cfg.lm
         slots = pool.num_blocks * pool.block_size
         dev, dt = model.bagel.device, model.bagel.dtype
         self.device = dev
+        # One slot past the pool's: the scratch slot that padding rows of decode graphs write.
         self.keys = [
-            torch.zeros(slots, lm.num_kv_heads, lm.head_dim, device=dev, dtype=dt)
+            torch.zeros(slots + 1, lm.num_kv_heads, lm.head_dim, device=dev, dtype=dt)
             for _ in range(lm.num_layers)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
+        cuda = dev.type == "cuda"
+        self.graphs = None
+        if decode_graphs == "static" or (decode_graphs == "auto" and cuda):
+            capture = cuda and decode_graphs == "auto"
+            self.graphs = DecodeGraphs(model, self.keys, self.values, slots, max_batch, capture)
 
     # -- work outside the shared forward ------------------------------------------------------
     @torch.no_grad()
@@ -145,23 +146,47 @@ class Runner:
 
     # -- the shared forward -------------------------------------------------------------------
     def _reserve(self, seq: KVSequence, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self._context_slots(seq)
+        """(context slots before, slots of the n new tokens), both on the host."""
+        ctx = self._host_slots(seq)
         reserved = seq.append(self.pool, n)
         bs = self.pool.block_size
         for src, dst in reserved.copies:
             for cache in (*self.keys, *self.values):
                 cache[dst * bs : (dst + 1) * bs] = cache[src * bs : (src + 1) * bs]
-        return ctx, torch.tensor(reserved.slots, dtype=torch.long, device=self.device)
+        return ctx, torch.tensor(reserved.slots, dtype=torch.long)
 
-    def _context_slots(self, seq: KVSequence) -> torch.Tensor:
+    def _host_slots(self, seq: KVSequence) -> torch.Tensor:
         bs = self.pool.block_size
         blocks = torch.tensor(seq.blocks, dtype=torch.long)
-        slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: seq.length]
-        return slots.to(self.device)
+        return (blocks[:, None] * bs + torch.arange(bs)).flatten()[: seq.length]
+
+    def _context_slots(self, seq: KVSequence) -> torch.Tensor:
+        return self._host_slots(seq).to(self.device)
+
+    def _decode_only(self, batch: list[Scheduled]) -> None:
+        """A step of decode tokens alone, through the static buffers of `DecodeGraphs`."""
+        ids, positions, writes, contexts = [], [], [], []
+        for sch in batch:
+            seq = sch.item.ctx
+            ctx, own = self._reserve(seq, 1)
+            ids.append(sch.item.token)
+            positions.append(seq.rope)
+            writes.append(int(own[0]))
+            contexts.append(torch.cat([ctx, own]))
+            seq.rope += 1
+        for sch, row in zip(batch, self.graphs.run(ids, positions, writes, contexts), strict=True):
+            sch.result = row
 
     @torch.no_grad()
     def step(self, batch: list[Scheduled]) -> None:
         """Run one packed forward for the batch and store each item's result on it."""
+        if (
+            self.graphs is not None
+            and self.graphs.accepts(len(batch))
+            and all(isinstance(sch.item, DecodeStep) for sch in batch)
+        ):
+            self._decode_only(batch)
+            return
         bagel, tok = self.model.bagel, self.model.tokenizer
         dev = self.device
         markers = (tok.vision_start, tok.vision_end)
@@ -188,7 +213,7 @@ class Runner:
                 ids = item.ids[: sch.tokens] if isinstance(item, PrefillText) else [item.token]
                 seq = item.ctx
                 pos = torch.arange(seq.rope, seq.rope + len(ids), device=dev)
-                ctx, own = self._reserve(seq, len(ids))
+                ctx, own = (t.to(dev) for t in self._reserve(seq, len(ids)))
                 x = bagel.embed_text(torch.tensor(ids, dtype=torch.long, device=dev))
                 spans.append(
                     add(x, pos, torch.zeros(len(ids), dtype=torch.bool, device=dev), True, ctx, own)
@@ -203,7 +228,7 @@ class Runner:
                 x, pos, mask = bagel.image_block(
                     inner, isinstance(item, PrefillLatent), markers, seq.rope
                 )
-                ctx, own = self._reserve(seq, x.shape[0])
+                ctx, own = (t.to(dev) for t in self._reserve(seq, x.shape[0]))
                 add(x, pos, mask, False, ctx, own)
                 seq.rope += 1
             elif isinstance(item, Velocity):

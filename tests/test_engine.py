@@ -77,9 +77,13 @@ def run_engine(model, params_list, config=None):
     return engine, events, recorders
 
 
-def test_concurrent_mixed_requests_match_the_reference(tiny_model):
+@pytest.mark.parametrize("decode_graphs", ["off", "static"])
+def test_concurrent_mixed_requests_match_the_reference(tiny_model, decode_graphs):
     params = mixed_requests()
-    engine, events, recorders = run_engine(tiny_model, params)
+    config = EngineConfig(decode_graphs=decode_graphs)
+    engine, events, recorders = run_engine(tiny_model, params, config)
+    if decode_graphs == "static":
+        assert engine.runner.graphs.graphs > 0  # decode-only steps took the static buffers
     assert engine.stats().steps < sum(p.num_timesteps for p in params) * 3  # really batched
     for i, p in enumerate(params):
         ref_rec = Recorder()
@@ -255,7 +259,8 @@ def test_engine_on_cuda_matches_the_cpu_reference(tiny_dir, tiny_model):
     torch.backends.cudnn.allow_tf32 = False
     cuda_model = checkpoint.load(tiny_dir, "cuda", dtype=torch.float32)
     params = mixed_requests()
-    _, events, recorders = run_engine(cuda_model, params)
+    engine, events, recorders = run_engine(cuda_model, params)
+    assert engine.runner.graphs.capture and engine.runner.graphs.graphs > 0  # graphs replayed
     for i, p in enumerate(params):
         ref_rec = Recorder()
         ref = run(tiny_model, p, ref_rec)

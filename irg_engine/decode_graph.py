@@ -1,0 +1,178 @@
+"""Decode-only steps on static buffers, replayed as CUDA graphs.
+
+While requests think or reflect, most steps hold nothing but one new token per request. On a GPU
+the eager forward of such a step is bound by kernel launches (thousands of small kernels, each
+for a handful of rows), not by the GPU. `DecodeGraphs` runs these steps on static buffers sized
+by a bucket — the batch padded to a power of two, the longest context padded up a geometric
+ladder — so that each bucket's forward can be captured once as a CUDA graph and replayed.
+
+Flow of one step: `run(ids, positions, write_slots, contexts)` fills the bucket's buffers (ids,
+RoPE positions, the KV slot each new key goes to, and a `[B, L]` slot index + mask over each
+request's context, its new token last), then replays the bucket's graph (capturing it on first
+use) and returns the real rows of the logits. Padding rows write their key to the scratch slot
+the runner reserves past the pool's slots and attend to that slot alone.
+
+Off CUDA (or with capture off) the same static forward runs eagerly: tests exercise the buffer
+layout on the CPU and compare it with the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from irg_engine.attention.decode import decode_attention
+from irg_engine.model.bagel import LoadedModel
+from irg_engine.model.lm import UND, ExpertRoutes
+
+log = logging.getLogger(__name__)
+
+
+def context_bucket(length: int) -> int:
+    """Padded context length: multiples of 256 up to 1024, then of a quarter power of two."""
+    if length <= 1024:
+        return max(256, -(-length // 256) * 256)
+    step = 1 << (length.bit_length() - 3)  # at most ~25% padding
+    return -(-length // step) * step
+
+
+def batch_bucket(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+Replay = Callable[[], torch.Tensor]
+
+
+@dataclass(slots=True)
+class Buffers:
+    ids: torch.Tensor  # [B] token ids
+    positions: torch.Tensor  # [B] RoPE positions
+    write: torch.Tensor  # [B] slot of each new key
+    index: torch.Tensor  # [B, L] context slots (new key last), padded
+    mask: torch.Tensor  # [B, L] True on real entries
+
+
+class StaticDecodePlan:
+    """The attention plan of a decode-only step: write each new key, attend over the index."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], buf: Buffers):
+        self.keys, self.values, self.buf = keys, values, buf
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.keys[layer], self.values[layer]
+        kc.index_copy_(0, self.buf.write, k.to(kc.dtype))
+        vc.index_copy_(0, self.buf.write, v.to(vc.dtype))
+        return decode_attention(q, kc, vc, self.buf.index, self.buf.mask)
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LoadedModel,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        scratch_slot: int,
+        max_batch: int,
+        capture: bool,
+    ) -> None:
+        self.model, self.keys, self.values = model, keys, values
+        self.scratch, self.capture = scratch_slot, capture
+        self.max_batch = batch_bucket(max_batch)
+        self.device = model.bagel.device
+        self._graphs: dict[tuple[int, int], tuple[Buffers, Replay | None]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+
+    @property
+    def graphs(self) -> int:
+        return len(self._graphs)
+
+    def accepts(self, batch_size: int) -> bool:
+        return batch_size <= self.max_batch
+
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        write_slots: list[int],
+        contexts: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Logits `[len(ids), vocab]` (float32, CPU) of one decode token per request.
+
+        `contexts[i]` holds request i's context slots (CPU, long) with its new slot last.
+        """
+        n = len(ids)
+        b = batch_bucket(n)
+        length = context_bucket(max(len(c) for c in contexts))
+        # Host-side layout first, then one copy per buffer: the replay reads device memory only.
+        host = Buffers(
+            torch.zeros(b, dtype=torch.long),
+            torch.zeros(b, dtype=torch.long),
+            torch.full((b,), self.scratch, dtype=torch.long),
+            torch.full((b, length), self.scratch, dtype=torch.long),
+            torch.zeros(b, length, dtype=torch.bool),
+        )
+        host.ids[:n] = torch.tensor(ids)
+        host.positions[:n] = torch.tensor(positions)
+        host.write[:n] = torch.tensor(write_slots)
+        for i, ctx in enumerate(contexts):
+            host.index[i, : len(ctx)] = ctx
+            host.mask[i, : len(ctx)] = True
+        host.mask[n:, 0] = True  # padding rows see their own scratch key: no empty softmax
+        key = (b, length)
+        if key not in self._graphs:
+            self._graphs[key] = (self._allocate(b, length), None)
+        buf, replay = self._graphs[key]
+        for name in Buffers.__slots__:
+            getattr(buf, name).copy_(getattr(host, name))
+        if replay is None:  # first use of this bucket: capture it (it reads the filled buffers)
+            replay = self._record(buf)
+            self._graphs[key] = (buf, replay)
+        return replay()[:n].cpu()
+
+    def _allocate(self, b: int, length: int) -> Buffers:
+        dev = self.device
+        return Buffers(
+            torch.zeros(b, dtype=torch.long, device=dev),
+            torch.zeros(b, dtype=torch.long, device=dev),
+            torch.zeros(b, dtype=torch.long, device=dev),
+            torch.zeros(b, length, dtype=torch.long, device=dev),
+            torch.zeros(b, length, dtype=torch.bool, device=dev),
+        )
+
+    def _forward(self, buf: Buffers) -> torch.Tensor:
+        bagel = self.model.bagel
+        x = bagel.embed_text(buf.ids)
+        plan = StaticDecodePlan(self.keys, self.values, buf)
+        hidden = bagel(x, buf.positions, None, plan, routes=ExpertRoutes(None, None, UND))
+        return bagel.logits(hidden)
+
+    def _record(self, buf: Buffers) -> Replay:
+        """The bucket's replay function: a captured graph on CUDA, the eager forward elsewhere."""
+        if not self.capture:
+            return lambda: self._forward(buf)
+        # Warm up on a side stream (lazy kernel and workspace set-up must not be captured); the
+        # warm-up writes the same keys the replay writes, so it changes nothing.
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward(buf)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the image worker threads keep launching their own work meanwhile.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._forward(buf)
+        except RuntimeError as e:
+            log.warning("decode graph capture failed, running decode steps eagerly: %s", e)
+            self.capture = False
+            return lambda: self._forward(buf)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
