@@ -142,6 +142,11 @@ class Engine:
         for req in list(self.running.values()):
             self._advance_inline(req)
         live = [r for r in self.running.values() if isinstance(r.pending, LM_WORK)]
+        if live and self.images.queued and self._waiting_on_images() > len(live):
+            # A backlog of images holds back more requests than the step would serve: drain it
+            # first, so those requests rejoin and batch with the rest instead of trailing alone.
+            self.images.steal()
+            return True
         if not live:
             if self.images.in_flight and not self.images.steal():  # no model work: help out
                 self.images.wait(0.05)
@@ -174,6 +179,9 @@ class Engine:
         ]
         self._run_batch(batch)
         return True
+
+    def _waiting_on_images(self) -> int:
+        return sum(self.images.busy(rid) for rid in self.running)
 
     def _blocks_for(self, item) -> int:
         if isinstance(item, Velocity):

@@ -3,7 +3,8 @@
 They need no shared forward, and at the published resize rules (an IRG image is re-encoded at
 >= 512 px) they can take longer than many engine steps, so they run on worker threads while the
 loop keeps batching everyone else. When the loop itself has no model work, it takes the next
-queued job and runs it in its own thread (work stealing), so no core sits idle while images wait.
+queued job and runs it in its own thread (work stealing), so no core sits idle while images wait;
+it also steals while more requests wait on images than have model work (see `Engine.step`).
 
 Flow: `submit(request id, program, fn, args)` queues a job; workers (and `steal`) run jobs;
 `finished()` hands back (request id, program, result or exception) for the engine to deliver.
@@ -53,6 +54,12 @@ class ImageWork:
     def busy(self, request_id: str) -> bool:
         with self._cond:
             return request_id in self._pending
+
+    @property
+    def queued(self) -> int:
+        """Jobs no thread has started yet."""
+        with self._cond:
+            return len(self._queue)
 
     @property
     def in_flight(self) -> bool:

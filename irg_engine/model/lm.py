@@ -51,9 +51,10 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in x's dtype: the published model casts cos/sin to it first."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return torch.addcmul(x * cos[:, None, :], rotated, sin[:, None, :]).to(x.dtype)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 @dataclass(slots=True)
@@ -178,7 +179,8 @@ class LanguageModel(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         """Hidden states after the final (per-expert) norm, one row per input row."""
-        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, routes, plan, i)
         out = torch.empty_like(x)
