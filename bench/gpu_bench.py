@@ -245,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         help="timesteps of the throughput run (kept short to fit one device call)",
     )
     p.add_argument("--concurrent-think-tokens", type=int, default=64)
+    p.add_argument(
+        "--phases",
+        type=lambda v: set(v.split(",")),
+        default={"denoise", "decode", "irg"},
+        help="comma-separated subset of denoise,decode,irg (default: all)",
+    )
     p.add_argument("--out", help="also write the JSON here, after every phase")
     p.add_argument("--json", action="store_true")
     args, _ = p.parse_known_args(argv)
@@ -274,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         for b in (1, 32)
     ]
     for name, fn in steps:
-        run_phase(result, name, lambda fn=fn: result.update(fn()), args.out)
+        if name.split("_")[0] in args.phases:
+            run_phase(result, name, lambda fn=fn: result.update(fn()), args.out)
     engine.close()
     steps.clear()  # drops the engine's KV cache before the request runs build their own
     engine = None
@@ -299,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             rate = result["irg_concurrent"]["requests_per_s"]
             result["irg_concurrent_vs_denoise_ceiling"] = rate / ceiling
 
-    run_phase(result, "irg_alone", alone, args.out)
-    run_phase(result, "irg_concurrent", concurrent, args.out)
+    if "irg" in args.phases:
+        run_phase(result, "irg_alone", alone, args.out)
+        run_phase(result, "irg_concurrent", concurrent, args.out)
     print(json.dumps(result, indent=None if args.json else 2))
     return 1 if result.get("errors") else 0
 

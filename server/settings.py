@@ -46,6 +46,12 @@ class Settings:
     attention_backend: str = field(
         default="auto", metadata=_opt("attention backend of the engine (auto: its default)")
     )
+    decode_graphs: str = field(
+        default="auto",
+        metadata=_opt(
+            "decode-only steps as CUDA graphs (auto: on CUDA; off: never)", choices=("auto", "off")
+        ),
+    )
     max_running: int = field(default=8, metadata=_opt("requests the engine runs at once"))
     max_queued: int = field(
         default=64, metadata=_opt("requests waiting beyond those running; more get 429")
@@ -139,6 +145,8 @@ class Settings:
             raise ValueError(
                 f"attention_backend must be one of {backends}, got {self.attention_backend!r}"
             )
+        if self.decode_graphs not in ("auto", "off"):
+            raise ValueError(f"decode_graphs must be auto or off, got {self.decode_graphs!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.api_key == "":

@@ -56,6 +56,7 @@ def make_engine(model: LoadedModel, settings: Settings):
     kwargs = {
         "max_running": settings.max_running,
         "max_waiting": settings.max_queued + settings.max_running,
+        "decode_graphs": settings.decode_graphs,
     }
     if settings.attention_backend != "auto":
         kwargs["attention_backend"] = settings.attention_backend
