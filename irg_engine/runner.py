@@ -179,14 +179,18 @@ class Runner:
 
     @torch.no_grad()
     def step(self, batch: list[Scheduled]) -> None:
-        """Run one packed forward for the batch and store each item's result on it."""
-        if (
-            self.graphs is not None
-            and self.graphs.accepts(len(batch))
-            and all(isinstance(sch.item, DecodeStep) for sch in batch)
-        ):
-            self._decode_only(batch)
-            return
+        """Run the batch and store each item's result on it.
+
+        With decode graphs, the decode tokens run through them (replayed, not launched kernel by
+        kernel) and everything else in one packed forward; otherwise all of it is one forward.
+        """
+        if self.graphs is not None:
+            decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
+            if decodes and self.graphs.accepts(len(decodes)):
+                self._decode_only(decodes)
+                batch = [sch for sch in batch if not isinstance(sch.item, DecodeStep)]
+                if not batch:
+                    return
         bagel, tok = self.model.bagel, self.model.tokenizer
         dev = self.device
         markers = (tok.vision_start, tok.vision_end)
