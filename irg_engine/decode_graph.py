@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -82,7 +82,7 @@ class DecodeGraphs:
         self.scratch, self.capture = scratch_slot, capture
         self.max_batch = batch_bucket(max_batch)
         self.device = model.bagel.device
-        self._graphs: dict[tuple[int, int], tuple[Buffers, Replay | None]] = {}
+        self._graphs: dict[tuple[int, int], tuple[Buffers, Replay]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     @property
@@ -121,15 +121,13 @@ class DecodeGraphs:
             host.index[i, : len(ctx)] = ctx
             host.mask[i, : len(ctx)] = True
         host.mask[n:, 0] = True  # padding rows see their own scratch key: no empty softmax
-        key = (b, length)
-        if key not in self._graphs:
-            self._graphs[key] = (self._allocate(b, length), None)
-        buf, replay = self._graphs[key]
-        for name in Buffers.__slots__:
-            getattr(buf, name).copy_(getattr(host, name))
-        if replay is None:  # first use of this bucket: capture it (it reads the filled buffers)
-            replay = self._record(buf)
-            self._graphs[key] = (buf, replay)
+        known = self._graphs.get((b, length))
+        buf = known[0] if known else self._allocate(b, length)
+        for f in fields(Buffers):
+            getattr(buf, f.name).copy_(getattr(host, f.name))
+        # First use of a bucket: capture it now (the capture reads the buffers just filled).
+        replay = known[1] if known else self._record(buf)
+        self._graphs[(b, length)] = (buf, replay)
         return replay()[:n].cpu()
 
     def _allocate(self, b: int, length: int) -> Buffers:
