@@ -164,7 +164,7 @@ class Runner:
         return self._host_slots(seq).to(self.device)
 
     def _decode_only(self, batch: list[Scheduled]) -> None:
-        """A step of decode tokens alone, through the static buffers of `DecodeGraphs`."""
+        """The decode tokens of a step, through the static buffers of `DecodeGraphs`."""
         ids, positions, writes, contexts = [], [], [], []
         for sch in batch:
             seq = sch.item.ctx
