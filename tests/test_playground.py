@@ -32,7 +32,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 KEY = "playground-key"
-THINK_CAP = 64  # the server's limit; the validation test asks for more
+THINK_CAP = 64  # the server's caps, which the form takes from /openapi.json
+SIDE_CAP = 512
+PROMPT_CAP = 32  # a limit only the server can check (tokens): the validation test goes over it
 TIMEOUT_MS = 30_000
 ABORTS = 'irg_requests_finished_total{reason="abort"}'
 REJECTED = 'irg_requests_finished_total{reason="rejected"}'
@@ -61,6 +63,8 @@ def start_server(tiny_dir: Path, **env: str) -> ServerProcess:
             "IRG_MAX_RUNNING": "1",
             "IRG_MAX_QUEUED": "0",
             "IRG_MAX_THINK_TOKENS": str(THINK_CAP),
+            "IRG_MAX_IMAGE_SIDE": str(SIDE_CAP),
+            "IRG_MAX_PROMPT_TOKENS": str(PROMPT_CAP),
             **env,
         }
     )
@@ -237,20 +241,29 @@ def test_errors_show_beside_their_controls(browser, server):
     tab = Page(browser, server.url)
     page = tab.page
     try:
-        # A limit only the server knows: its 400 names the parameter and the limit.
-        fast_irg(tab, max_think_tokens=THINK_CAP + 1)
+        # A limit only the server knows (the prompt's length in tokens): its 400 names the
+        # parameter and the limit, and the page shows it beside the prompt.
+        fast_irg(tab)
+        page.fill("#prompt", "a red fox " * PROMPT_CAP)
         page.focus("#prompt")
         page.keyboard.press("Control+Enter")  # the keyboard shortcut submits
-        page.wait_for_selector("#err-max_think_tokens:not([hidden])")
-        message = page.inner_text("#err-max_think_tokens")
-        assert str(THINK_CAP) in message and str(THINK_CAP + 1) in message
-        assert page.get_attribute("#max_think_tokens", "aria-invalid") == "true"
-        assert page.evaluate("document.activeElement.id") == "max_think_tokens"
+        page.wait_for_selector("#err-prompt:not([hidden])")
+        message = page.inner_text("#err-prompt")
+        assert f"over the limit of {PROMPT_CAP}" in message, message
+        assert page.get_attribute("#prompt", "aria-invalid") == "true"
+        assert page.evaluate("document.activeElement.id") == "prompt"
         assert page.locator("#err-request").is_hidden()
 
-        # A size the browser already knows is wrong never reaches the server.
+        # Values the browser already knows are wrong never reach the server: a size off the
+        # 16 grid, and a think length over the cap the form read from the server.
+        page.fill("#prompt", "a red fox in fresh snow")
+        assert page.locator("#err-prompt").is_hidden()  # editing clears the message
+        before = len(tab.requests)
+        page.fill("#max_think_tokens", str(THINK_CAP + 1))
+        page.click("#generate")
+        page.wait_for_selector("#err-max_think_tokens:not([hidden])")
+        assert len(tab.requests) == before
         page.fill("#max_think_tokens", "6")
-        assert page.locator("#err-max_think_tokens").is_hidden()  # editing clears the message
         page.fill("#width", "40")
         before = len(tab.requests)
         page.click("#generate")
@@ -272,6 +285,22 @@ def test_errors_show_beside_their_controls(browser, server):
         page.click("#generate")
         page.wait_for_selector("#err-image:not([hidden])")
         assert page.locator("#drop").is_visible()
+        assert tab.problems == []
+    finally:
+        tab.close()
+
+
+def test_form_offers_only_what_the_server_accepts(browser, server):
+    tab = Page(browser, server.url)
+    page = tab.page
+    try:
+        page.wait_for_selector(f"#width[max='{SIDE_CAP}']")
+        # The paper's 1024x1024 default is lowered to this server's cap, and so is the hint.
+        assert page.input_value("#width") == page.input_value("#height") == str(SIDE_CAP)
+        assert f"at most {SIDE_CAP}." in page.inner_text("#size-hint")
+        assert page.locator("[data-size='1024x1024']").is_hidden()
+        assert page.get_attribute("#max_think_tokens", "max") == str(THINK_CAP)
+        assert page.get_attribute("#num_timesteps", "max") == "200"  # not capped: the model's
         assert tab.problems == []
     finally:
         tab.close()

@@ -111,6 +111,45 @@
     }
   }
 
+  // --- this server's limits ---------------------------------------------------------------
+  // openapi.json states the caps in force (an operator may cap sizes, timesteps, thinks and
+  // rounds below the model's own limits) and the defaults lowered to them; the form takes both,
+  // so it offers only what this server accepts. Without an answer it keeps the model's limits.
+  const limits = { side: 1024 };
+  const CAPPED = ["width", "height", "num_timesteps", "max_think_tokens", "refine_rounds"];
+
+  async function applyLimits() {
+    const key = $("api_key").value.trim();
+    let props;
+    try {
+      const res = await fetch("openapi.json", {
+        cache: "no-store",
+        headers: key ? { Authorization: `Bearer ${key}` } : {},
+      });
+      if (!res.ok) return;
+      props = (await res.json()).components.schemas.GenerateRequest.properties;
+    } catch {
+      return;
+    }
+    for (const id of CAPPED) {
+      const max = props[id]?.maximum;
+      if (typeof max !== "number") continue;
+      const input = $(id);
+      input.max = String(max);
+      if (input.defaultValue !== "" && Number(input.defaultValue) > max)
+        input.defaultValue = String(max);
+      if (input.value !== "" && Number(input.value) > max) input.value = String(max);
+    }
+    const partials = props.partial_images?.maximum;
+    if (typeof partials === "number")
+      for (const option of $("partial_images").options)
+        option.disabled = Number(option.value) > partials;
+    if (typeof props.width?.maximum === "number") limits.side = props.width.maximum;
+    for (const chip of document.querySelectorAll("[data-size]"))
+      chip.hidden = chip.dataset.size.split("x").some((v) => Number(v) > limits.side);
+    onRecipe();
+  }
+
   // --- API key ----------------------------------------------------------------------------
 
   function initKey() {
@@ -119,6 +158,7 @@
     if (input.value) $("key-box").querySelector("summary").textContent = "API key (saved)";
     input.addEventListener("change", () => {
       storageSet(KEY_STORAGE, input.value.trim());
+      applyLimits();
       $("key-box").querySelector("summary").textContent = input.value.trim()
         ? "API key (saved)"
         : "API key";
@@ -145,7 +185,7 @@
         ? "An edit keeps the size of the input image."
         : recipe === "understand"
           ? "No image is drawn for an answer."
-          : "Multiples of 16, at most 1024.";
+          : `Multiples of 16, at most ${limits.side}.`;
   }
 
   function setImage(file) {
@@ -905,6 +945,7 @@
     });
     stagesIdle();
     checkServer();
+    applyLimits();
   }
 
   // Before the first request the stage list previews the chosen recipe's stages.
