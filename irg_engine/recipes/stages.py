@@ -94,7 +94,9 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     start = block * CDF_BLOCK
     before = block_cdf[block - 1] if block else 0.0
     inner = weights[start : start + CDF_BLOCK].double().cumsum(0) + before
-    return min(start + int(torch.searchsorted(inner, u, right=True)), n - 1)
+    # The block's float32 sum and its float64 running sum can differ in the last bits: a draw in
+    # that sliver takes the block's last token rather than spilling into the next block.
+    return start + min(int(torch.searchsorted(inner, u, right=True)), len(inner) - 1)
 
 
 def decode(
