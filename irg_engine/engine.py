@@ -142,8 +142,8 @@ class Engine:
         for req in list(self.running.values()):
             self._advance_inline(req)
         live = [r for r in self.running.values() if isinstance(r.pending, LM_WORK)]
-        if live and self.images.queued and self._waiting_on_images() > len(live):
-            # A backlog of images holds back more requests than the step would serve: drain it
+        if live and self.images.queued and self._waiting_on_images() >= len(live):
+            # A backlog of images holds back as many requests as the step would serve: drain it
             # first, so those requests rejoin and batch with the rest instead of trailing alone.
             self.images.steal()
             return True

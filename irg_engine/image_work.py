@@ -4,7 +4,7 @@ They need no shared forward, and at the published resize rules (an IRG image is 
 >= 512 px) they can take longer than many engine steps, so they run on worker threads while the
 loop keeps batching everyone else. When the loop itself has no model work, it takes the next
 queued job and runs it in its own thread (work stealing), so no core sits idle while images wait;
-it also steals while more requests wait on images than have model work (see `Engine.step`).
+it also steals while as many requests wait on images as have model work (see `Engine.step`).
 
 Flow: `submit(request id, program, fn, args)` queues a job; workers (and `steal`) run jobs;
 `finished()` hands back (request id, program, result or exception) for the engine to deliver.
