@@ -54,6 +54,17 @@ class Buffers:
     index: torch.Tensor  # [B, L] context slots (new key last), padded
     mask: torch.Tensor  # [B, L] True on real entries
 
+    @staticmethod
+    def zeros(b: int, length: int, device: torch.device) -> Buffers:
+        def z(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return Buffers(z(b), z(b), z(b), z(b, length), z(b, length, dtype=torch.bool))
+
+    def copy_(self, other: Buffers) -> None:
+        for f in fields(self):
+            getattr(self, f.name).copy_(getattr(other, f.name))
+
 
 class StaticDecodePlan:
     """The attention plan of a decode-only step: write each new key, attend over the index."""
@@ -107,13 +118,9 @@ class DecodeGraphs:
         b = batch_bucket(n)
         length = context_bucket(max(len(c) for c in contexts))
         # Host-side layout first, then one copy per buffer: the replay reads device memory only.
-        host = Buffers(
-            torch.zeros(b, dtype=torch.long),
-            torch.zeros(b, dtype=torch.long),
-            torch.full((b,), self.scratch, dtype=torch.long),
-            torch.full((b, length), self.scratch, dtype=torch.long),
-            torch.zeros(b, length, dtype=torch.bool),
-        )
+        host = Buffers.zeros(b, length, torch.device("cpu"))
+        host.write.fill_(self.scratch)
+        host.index.fill_(self.scratch)
         host.ids[:n] = torch.tensor(ids)
         host.positions[:n] = torch.tensor(positions)
         host.write[:n] = torch.tensor(write_slots)
@@ -122,23 +129,12 @@ class DecodeGraphs:
             host.mask[i, : len(ctx)] = True
         host.mask[n:, 0] = True  # padding rows see their own scratch key: no empty softmax
         known = self._graphs.get((b, length))
-        buf = known[0] if known else self._allocate(b, length)
-        for f in fields(Buffers):
-            getattr(buf, f.name).copy_(getattr(host, f.name))
+        buf = known[0] if known else Buffers.zeros(b, length, self.device)
+        buf.copy_(host)
         # First use of a bucket: capture it now (the capture reads the buffers just filled).
         replay = known[1] if known else self._record(buf)
         self._graphs[(b, length)] = (buf, replay)
         return replay()[:n].cpu()
-
-    def _allocate(self, b: int, length: int) -> Buffers:
-        dev = self.device
-        return Buffers(
-            torch.zeros(b, dtype=torch.long, device=dev),
-            torch.zeros(b, dtype=torch.long, device=dev),
-            torch.zeros(b, dtype=torch.long, device=dev),
-            torch.zeros(b, length, dtype=torch.long, device=dev),
-            torch.zeros(b, length, dtype=torch.bool, device=dev),
-        )
 
     def _forward(self, buf: Buffers) -> torch.Tensor:
         bagel = self.model.bagel
