@@ -112,8 +112,10 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            # [B, C, H, W] -> [B, 1 head, H*W, C]
-            return t.reshape(b, 1, c, height * width).transpose(-1, -2)
+            # [B, C, H, W] -> [B, 1 head, H*W, C], contiguous: SDPA's fused kernels need a unit
+            # stride in C, and the strided view falls back to the math path (4x slower at 4096
+            # positions, and it materialises the full score matrix).
+            return t.reshape(b, 1, c, height * width).transpose(-1, -2).contiguous()
 
         out = F.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)))
         out = out.transpose(-1, -2).reshape(b, c, height, width)
