@@ -5,8 +5,10 @@
 
 The tiny preset runs the same IRG requests (same seeds, same settings) twice: one after another
 through the reference recipes, then all at once through the engine, and reports throughput,
-latency percentiles and `speedup_vs_sequential`. With `--json` stdout holds one JSON object and
-nothing else (the table goes to stderr).
+latency percentiles and `speedup_vs_sequential`. Both sides get the same CPU threads (`--threads`,
+all cores by default): the sequential run as torch's thread count, the engine as its
+`cpu_threads`, which its loop and image worker share. With `--json` stdout holds one JSON object
+and nothing else (the table goes to stderr).
 """
 
 from __future__ import annotations
@@ -62,9 +64,12 @@ def run_sequential(model, params: list[RecipeParams]) -> tuple[float, list[float
 
 
 def run_engine(
-    model, params: list[RecipeParams], concurrency: int, image_workers: int = 1
+    model, params: list[RecipeParams], concurrency: int, image_workers: int = 1, threads: int = 0
 ) -> tuple[float, list[float], dict]:
-    engine = Engine(model, EngineConfig(max_running=concurrency, image_workers=image_workers))
+    config = EngineConfig(
+        max_running=concurrency, image_workers=image_workers, cpu_threads=threads
+    )
+    engine = Engine(model, config)
     done: dict[str, float] = {}
     failures = []
 
@@ -98,13 +103,16 @@ def run_engine(
 
 
 def tiny_bench(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = checkpoint.load(write_tiny(Path(tmp) / "tiny"))
     params = requests(args)
     run(model, RecipeParams("warm-up", width=32, height=32, num_timesteps=2, max_think_tokens=2))
     seq_total, seq_lat = run_sequential(model, params)
-    eng_total, eng_lat, counters = run_engine(model, params, args.concurrency, args.image_workers)
+    eng_total, eng_lat, counters = run_engine(
+        model, params, args.concurrency, args.image_workers, threads
+    )
     n = len(params)
     return {
         "preset": "tiny",
@@ -114,7 +122,7 @@ def tiny_bench(args: argparse.Namespace) -> dict:
         "size": args.size,
         "timesteps": args.timesteps,
         "think_tokens": args.think_tokens,
-        "threads": args.threads,
+        "threads": threads,
         "image_workers": args.image_workers,
         "sequential_s": round(seq_total, 3),
         "engine_s": round(eng_total, 3),
@@ -167,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timesteps", type=int, default=20)
     p.add_argument("--think-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny ops: 1 is fastest)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for each side: the sequential run's torch threads, the engine's "
+        "cpu_threads (loop and image workers together); 0: torch's default, all cores",
+    )
     p.add_argument(
         "--image-workers",
         type=int,

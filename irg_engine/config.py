@@ -89,6 +89,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | sdpa | xformers (see irg_engine.attention)
     prefix_cache_entries: int = 8
     image_workers: int = 1  # threads for VAE encodes/decodes beside the step loop
+    # CPU threads for torch ops, shared by the loop and the image workers: each busy worker
+    # takes one, the loop the rest. 0: torch's thread count when the engine starts.
+    cpu_threads: int = 0
     # Decode-only steps: auto = replayed as CUDA graphs on CUDA, the packed forward elsewhere;
     # off = always the packed forward; static = the graphs' static buffers, run eagerly (tests).
     decode_graphs: str = "auto"
@@ -98,6 +101,8 @@ class EngineConfig:
             raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
         if self.image_workers < 1:
             raise ValueError("image_workers must be >= 1")
+        if self.cpu_threads < 0:
+            raise ValueError("cpu_threads must be >= 0 (0: torch's thread count)")
         if self.decode_graphs not in ("auto", "off", "static"):
             raise ValueError(
                 f"decode_graphs must be auto, off or static, got {self.decode_graphs!r}"

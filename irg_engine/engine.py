@@ -91,7 +91,8 @@ class Engine:
         self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
         self.healthy, self.fault = True, None
         self.accepting = True
-        self.images = ImageWork(cfg.image_workers)
+        self.cpu_threads = cfg.cpu_threads or torch.get_num_threads()
+        self.images = ImageWork(cfg.image_workers, lambda: torch.set_num_threads(1))
 
     # -- thread-safe entry points -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -137,6 +138,10 @@ class Engine:
     def step(self) -> bool:
         """One iteration; returns False when there was nothing to do."""
         self._end_aborted_and_late()
+        # The cores no image job holds go to this step's ops (lm_head and sampling over the
+        # vocabulary split well). Set every step: a worker's own setting also moves MKL's
+        # process-wide count.
+        torch.set_num_threads(max(1, self.cpu_threads - self.images.working))
         self._admit()
         self._collect_aux()
         for req in list(self.running.values()):
@@ -370,5 +375,9 @@ class Engine:
 
     def run_until_idle(self) -> None:
         """Step in the calling thread until every request has ended (tests, benchmarks)."""
-        while not self.idle:
-            self.step()
+        threads = torch.get_num_threads()
+        try:
+            while not self.idle:
+                self.step()
+        finally:  # the steps re-split the cores; hand the caller back its own setting
+            torch.set_num_threads(threads)

@@ -6,6 +6,9 @@ loop keeps batching everyone else. When the loop itself has no model work, it ta
 queued job and runs it in its own thread (work stealing), so no core sits idle while images wait;
 it also steals while as many requests wait on images as have model work (see `Engine.step`).
 
+Workers run `thread_init` first (the engine uses it to give each one CPU thread for torch ops);
+`working` counts the jobs they are running now, so the loop can take the remaining cores.
+
 Flow: `submit(request id, program, fn, args)` queues a job; workers (and `steal`) run jobs;
 `finished()` hands back (request id, program, result or exception) for the engine to deliver.
 The program is returned with the result so the engine can drop results of requests that were
@@ -32,12 +35,14 @@ class Job:
 
 
 class ImageWork:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, thread_init: Callable[[], None] | None = None) -> None:
         self._queue: deque[Job] = deque()
         self._done: list[Job] = []
         self._pending: set[str] = set()
         self._cond = threading.Condition()
         self._closed = False
+        self._working = 0
+        self._thread_init = thread_init
         self._threads = [
             threading.Thread(target=self._work, name=f"irg-image-{i}", daemon=True)
             for i in range(workers)
@@ -60,6 +65,12 @@ class ImageWork:
         """Jobs no thread has started yet."""
         with self._cond:
             return len(self._queue)
+
+    @property
+    def working(self) -> int:
+        """Jobs running on worker threads (not counting one the loop stole)."""
+        with self._cond:
+            return self._working
 
     @property
     def in_flight(self) -> bool:
@@ -97,6 +108,8 @@ class ImageWork:
             t.join(timeout=30)
 
     def _work(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -104,7 +117,10 @@ class ImageWork:
                 if self._closed:
                     return
                 job = self._queue.popleft()
+                self._working += 1
             self._run(job)
+            with self._cond:
+                self._working -= 1
 
     def _run(self, job: Job) -> None:
         try:

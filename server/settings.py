@@ -52,6 +52,13 @@ class Settings:
             "decode-only steps as CUDA graphs (auto: on CUDA; off: never)", choices=("auto", "off")
         ),
     )
+    cpu_threads: int = field(
+        default=0,
+        metadata=_opt(
+            "CPU threads for torch ops, shared by the engine loop and its image worker "
+            "(0: torch's default, all cores)"
+        ),
+    )
     max_running: int = field(default=8, metadata=_opt("requests the engine runs at once"))
     max_queued: int = field(
         default=64, metadata=_opt("requests waiting beyond those running; more get 429")
@@ -123,7 +130,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_queued", "shutdown_timeout"):
+        for name in ("max_queued", "shutdown_timeout", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         # The request models hold the model's limits; a server can only cap lower.
