@@ -66,9 +66,7 @@ def run_sequential(model, params: list[RecipeParams]) -> tuple[float, list[float
 def run_engine(
     model, params: list[RecipeParams], concurrency: int, image_workers: int = 1, threads: int = 0
 ) -> tuple[float, list[float], dict]:
-    config = EngineConfig(
-        max_running=concurrency, image_workers=image_workers, cpu_threads=threads
-    )
+    config = EngineConfig(max_running=concurrency, image_workers=image_workers, cpu_threads=threads)
     engine = Engine(model, config)
     done: dict[str, float] = {}
     failures = []
