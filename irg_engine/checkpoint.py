@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from irg_engine.config import BagelConfig, LMConfig, ViTConfig
+from irg_engine.host_memory import keep_large_blocks
 from irg_engine.model.bagel import Bagel, LoadedModel
 from irg_engine.model.vae import AutoEncoder, VaeConfig
 
@@ -327,6 +328,8 @@ def load(
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        keep_large_blocks()
     files = find_files(Path(root))
     cfg = build_config(files)
     with torch.device("meta"):
