@@ -86,6 +86,7 @@ def run_engine(
     with torch.no_grad():
         engine.run_until_idle()
     total = time.perf_counter() - start
+    engine.close()
     if failures:
         raise RuntimeError(f"engine requests failed: {failures[:3]}")
     stats = engine.stats()

@@ -138,10 +138,6 @@ class Engine:
     def step(self) -> bool:
         """One iteration; returns False when there was nothing to do."""
         self._end_aborted_and_late()
-        # The cores no image job holds go to this step's ops (lm_head and sampling over the
-        # vocabulary split well). Set every step: a worker's own setting also moves MKL's
-        # process-wide count.
-        torch.set_num_threads(max(1, self.cpu_threads - self.images.working))
         self._admit()
         self._collect_aux()
         for req in list(self.running.values()):
@@ -150,9 +146,11 @@ class Engine:
         if live and self.images.queued and self._waiting_on_images() >= len(live):
             # A backlog of images holds back as many requests as the step would serve: drain it
             # first, so those requests rejoin and batch with the rest instead of trailing alone.
+            self._take_cores()
             self.images.steal()
             return True
         if not live:
+            self._take_cores()
             if self.images.in_flight and not self.images.steal():  # no model work: help out
                 self.images.wait(0.05)
             return bool(self.running)
@@ -182,8 +180,17 @@ class Engine:
         batch = [
             (self.running[rid], Scheduled(self.running[rid].pending, n)) for rid, n in plan.run
         ]
+        self._take_cores()
         self._run_batch(batch)
         return True
+
+    def _take_cores(self) -> None:
+        """This thread's torch ops get the CPU threads no image worker holds or is about to.
+
+        lm_head and sampling over the vocabulary split well over threads; an image worker runs
+        one. Set before each use: a worker's own setting also moves MKL's process-wide count.
+        """
+        torch.set_num_threads(max(1, self.cpu_threads - self.images.workers_busy))
 
     def _waiting_on_images(self) -> int:
         return sum(self.images.busy(rid) for rid in self.running)

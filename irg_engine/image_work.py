@@ -7,7 +7,8 @@ queued job and runs it in its own thread (work stealing), so no core sits idle w
 it also steals while as many requests wait on images as have model work (see `Engine.step`).
 
 Workers run `thread_init` first (the engine uses it to give each one CPU thread for torch ops);
-`working` counts the jobs they are running now, so the loop can take the remaining cores.
+`workers_busy` counts those running a job or about to take one, so the loop can take the
+remaining cores.
 
 Flow: `submit(request id, program, fn, args)` queues a job; workers (and `steal`) run jobs;
 `finished()` hands back (request id, program, result or exception) for the engine to deliver.
@@ -67,10 +68,10 @@ class ImageWork:
             return len(self._queue)
 
     @property
-    def working(self) -> int:
-        """Jobs running on worker threads (not counting one the loop stole)."""
+    def workers_busy(self) -> int:
+        """Worker threads running a job or about to take a queued one."""
         with self._cond:
-            return self._working
+            return min(len(self._threads), self._working + len(self._queue))
 
     @property
     def in_flight(self) -> bool:

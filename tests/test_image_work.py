@@ -1,4 +1,4 @@
-"""ImageWork: jobs beside the step loop, the per-thread init, the count of running jobs, stealing;
+"""ImageWork: jobs beside the step loop, the per-thread init, the count of busy workers, stealing;
 and how the engine splits CPU threads between its loop and the image worker."""
 
 import threading
@@ -24,7 +24,8 @@ def test_worker_runs_init_and_counts_the_job_it_runs():
     try:
         work.submit("a", "program-a", job)
         assert started.wait(5)
-        assert (work.working, work.queued, work.in_flight, work.busy("a")) == (1, 0, True, True)
+        state = (work.workers_busy, work.queued, work.in_flight, work.busy("a"))
+        assert state == (1, 0, True, True)
         release.set()
         done = []
         while not done:
@@ -34,7 +35,7 @@ def test_worker_runs_init_and_counts_the_job_it_runs():
         assert (finished.request_id, finished.program) == ("a", "program-a")
         assert finished.result == "irg-image-0" and finished.error is None
         assert inits == ["irg-image-0"]
-        assert (work.working, work.in_flight, work.busy("a")) == (0, False, False)
+        assert (work.workers_busy, work.in_flight, work.busy("a")) == (0, False, False)
     finally:
         work.close()
 
@@ -47,8 +48,9 @@ def test_steal_runs_a_queued_job_in_the_caller_and_errors_come_back():
         work.submit("b", None, lambda: 1 / 0)
         while work.queued != 1:
             work.wait(0.01)
+        assert work.workers_busy == 1  # one worker, running the blocker
         assert work.steal() and not work.steal()
-        assert work.working == 1  # the stolen job ran here, not on a worker
+        assert work.workers_busy == 1  # the stolen job ran here, not on a worker
         gate.set()
         jobs = {}
         while len(jobs) < 2:
@@ -66,7 +68,7 @@ def test_engine_loop_takes_the_cores_no_image_job_holds(tiny_model, monkeypatch)
     step = engine.runner.step
 
     def recording(batch):
-        seen.append((torch.get_num_threads(), engine.images.working))
+        seen.append((torch.get_num_threads(), engine.images.workers_busy))
         step(batch)
 
     monkeypatch.setattr(engine.runner, "step", recording)
