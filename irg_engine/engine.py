@@ -143,9 +143,11 @@ class Engine:
         for req in list(self.running.values()):
             self._advance_inline(req)
         live = [r for r in self.running.values() if isinstance(r.pending, LM_WORK)]
-        if live and self.images.queued and self._waiting_on_images() >= len(live):
-            # A backlog of images holds back as many requests as the step would serve: drain it
-            # first, so those requests rejoin and batch with the rest instead of trailing alone.
+        if live and self.images.queued:
+            # An image job waits for a thread: run it before more model work. The requests behind
+            # it rejoin sooner and in step with the rest, so their next phase batches with everyone
+            # instead of trailing alone (in-process A/B, 8 IRG requests on 2 cores: 11.5 s and
+            # 558 steps vs 12.2 s and ~630 steps when only a backlog of half the requests did).
             self._take_cores()
             self.images.steal()
             return True
@@ -191,9 +193,6 @@ class Engine:
         one. Set before each use: a worker's own setting also moves MKL's process-wide count.
         """
         torch.set_num_threads(max(1, self.cpu_threads - self.images.workers_busy))
-
-    def _waiting_on_images(self) -> int:
-        return sum(self.images.busy(rid) for rid in self.running)
 
     def _blocks_for(self, item) -> int:
         if isinstance(item, Velocity):

@@ -2,9 +2,8 @@
 
 They need no shared forward, and at the published resize rules (an IRG image is re-encoded at
 >= 512 px) they can take longer than many engine steps, so they run on worker threads while the
-loop keeps batching everyone else. When the loop itself has no model work, it takes the next
-queued job and runs it in its own thread (work stealing), so no core sits idle while images wait;
-it also steals while as many requests wait on images as have model work (see `Engine.step`).
+loop keeps batching everyone else. A job no worker has taken yet is taken by the loop itself
+before its next step (work stealing, see `Engine.step`), so no core sits idle while images wait.
 
 Workers run `thread_init` first (the engine uses it to give each one CPU thread for torch ops);
 `workers_busy` counts those running a job or about to take one, so the loop can take the
