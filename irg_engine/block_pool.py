@@ -80,6 +80,17 @@ class KVSequence:
         end = self.length if end is None else end
         return [self.blocks[i // bs] * bs + i % bs for i in range(start, end)]
 
+    def save(self) -> tuple[list[int], int, int]:
+        """This sequence's layout, for `restore` (the engine's rollback of a failed step)."""
+        return list(self.blocks), self.length, self.rope
+
+    def restore(self, pool: BlockPool, saved: tuple[list[int], int, int]) -> None:
+        """Back to a saved layout: blocks taken since go back to the pool, ones let go are kept."""
+        blocks, length, rope = saved
+        pool.retain(blocks)
+        pool.release(self.blocks)
+        self.blocks, self.length, self.rope = blocks, length, rope
+
     def fork(self, pool: BlockPool, name: str) -> KVSequence:
         pool.retain(self.blocks)
         return KVSequence(name, list(self.blocks), self.length, self.rope)

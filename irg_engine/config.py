@@ -85,7 +85,7 @@ class EngineConfig:
     max_waiting: int = 256
     token_budget: int = 8192
     block_size: int = 16
-    kv_tokens: int = 0  # 0: sized automatically (see `engine.auto_kv_tokens`)
+    kv_tokens: int = 0  # 0: sized automatically (see `runner.auto_kv_tokens`)
     attention_backend: str = "auto"  # auto | sdpa | xformers (see irg_engine.attention)
     prefix_cache_entries: int = 8
     image_workers: int = 1  # threads for VAE encodes/decodes beside the step loop

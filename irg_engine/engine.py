@@ -41,30 +41,10 @@ from irg_engine.recipes.work import (
     Velocity,
 )
 from irg_engine.request import Request, RequestContexts, RequestObserver
-from irg_engine.runner import Runner, Scheduled
+from irg_engine.runner import Runner, Scheduled, auto_kv_tokens
 from irg_engine.scheduler import Pending, Scheduler
 
 log = logging.getLogger("irg_engine")
-
-
-def auto_kv_tokens(model: LoadedModel) -> int:
-    """KV capacity: 40% of free GPU memory on CUDA, 256 MB worth on the CPU."""
-    lm = model.cfg.lm
-    per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * model.bagel.dtype.itemsize
-    if model.bagel.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.bagel.device)
-        budget = int(free * 0.4)
-    else:
-        budget = 256 * 2**20
-    return max(16 * 1024, budget // per_token)
-
-
-def _kind(item) -> str:
-    if isinstance(item, DecodeStep):
-        return "decode"
-    if isinstance(item, Velocity):
-        return "denoise"
-    return "prefill" if isinstance(item, PrefillText) else "block"
 
 
 class Engine:
@@ -159,7 +139,7 @@ class Engine:
         pending = [
             Pending(
                 r.id,
-                _kind(r.pending),
+                r.pending.kind,
                 r.pending.tokens,
                 self._blocks_for(r.pending),
                 r.arrival,
@@ -230,16 +210,13 @@ class Engine:
             self._deliver(req, sch)
 
     @staticmethod
-    def _snapshot(items: list) -> list[tuple[KVSequence, list[int], int, int]]:
+    def _snapshot(items: list) -> list[tuple[KVSequence, tuple[list[int], int, int]]]:
         """The layout of every sequence these items write, for `_rollback`."""
-        written = [item.ctx for item in items if not isinstance(item, Velocity)]
-        return [(seq, list(seq.blocks), seq.length, seq.rope) for seq in written]
+        return [(item.ctx, item.ctx.save()) for item in items if not isinstance(item, Velocity)]
 
     def _rollback(self, snapshots) -> None:
-        for seq, blocks, length, rope in snapshots:
-            self.pool.retain(blocks)
-            self.pool.release(seq.blocks)
-            seq.blocks, seq.length, seq.rope = blocks, length, rope
+        for seq, saved in snapshots:
+            seq.restore(self.pool, saved)
 
     def _deliver(self, req: Request, sch: Scheduled) -> None:
         item = sch.item

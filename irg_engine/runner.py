@@ -28,6 +28,18 @@ from irg_engine.recipes.context import decode_latents, encode_latent
 from irg_engine.recipes.work import DecodeStep, PrefillLatent, PrefillText, PrefillVit, Velocity
 
 
+def auto_kv_tokens(model: LoadedModel) -> int:
+    """KV capacity: 40% of free GPU memory on CUDA, 256 MB worth on the CPU."""
+    lm = model.cfg.lm
+    per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * model.bagel.dtype.itemsize
+    if model.bagel.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.bagel.device)
+        budget = int(free * 0.4)
+    else:
+        budget = 256 * 2**20
+    return max(16 * 1024, budget // per_token)
+
+
 @dataclass(slots=True)
 class Segment:
     start: int

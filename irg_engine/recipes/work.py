@@ -6,14 +6,15 @@ time it needs the model and receives the item's result back. Two executors run t
 - the engine collects the pending items of many requests, batches them into shared forward
   passes over a paged KV cache, and sends each program its own result.
 Contexts are opaque handles owned by the executor (`Contexts`); programs create, fork and free
-them but never look inside. Sizes (`tokens`) are what the engine's scheduler budgets with.
+them but never look inside. Sizes (`tokens`) are what the engine's scheduler budgets with, and
+the model work items carry the `kind` it plans by (decode, denoise, prefill, block).
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from PIL import Image
@@ -22,6 +23,8 @@ from PIL import Image
 @dataclass(slots=True)
 class PrefillText:
     """Append a text segment (causal). `shared` marks a prefix worth caching across requests."""
+
+    kind: ClassVar[str] = "prefill"
 
     ctx: Any
     ids: list[int]
@@ -36,6 +39,8 @@ class PrefillText:
 class PrefillLatent:
     """Append a clean latent `[1, C, 2h, 2w]` as a VAE block (t = 0, bidirectional)."""
 
+    kind: ClassVar[str] = "block"
+
     ctx: Any
     latent: torch.Tensor
 
@@ -47,6 +52,8 @@ class PrefillLatent:
 @dataclass(slots=True)
 class PrefillVit:
     """Append an image as a ViT block; `patches`/`ids` come from `context.vit_inputs`."""
+
+    kind: ClassVar[str] = "block"
 
     ctx: Any
     patches: torch.Tensor
@@ -61,6 +68,8 @@ class PrefillVit:
 class DecodeStep:
     """Feed one token at the context's next position; the result is its logits (float32)."""
 
+    kind: ClassVar[str] = "decode"
+
     ctx: Any
     token: int
 
@@ -73,6 +82,8 @@ class DecodeStep:
 class Velocity:
     """One denoising evaluation: the same noisy tokens queried against each context (one row
     per guidance branch, never written). The result is one velocity per context."""
+
+    kind: ClassVar[str] = "denoise"
 
     contexts: list[Any]
     x: torch.Tensor
