@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from irg_engine.checkpoint import published_names
 from irg_engine.config import BagelConfig, LMConfig, ViTConfig
 from irg_engine.model.bagel import Bagel
 from irg_engine.model.embed import sincos_2d
 from irg_engine.model.vae import AutoEncoder, VaeConfig
+from irg_engine.published_names import published_names
 from irg_engine.qwen_vocab import write_qwen_tokenizer
 from irg_engine.tokenizer import Tokenizer
 

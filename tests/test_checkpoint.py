@@ -180,7 +180,7 @@ def test_loading_holds_one_copy_of_the_weights(golden, tmp_path):
         from irg_engine.config import LMConfig
         from irg_engine.model.bagel import Bagel
         from irg_engine.tiny import tiny_config
-        from irg_engine.checkpoint import published_names
+        from irg_engine.published_names import published_names
         from safetensors.torch import save_file
         cfg = tiny_config(512)
         cfg.lm = LMConfig(hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=2,
