@@ -9,25 +9,18 @@ component cases run small programs that prefill one thing and read the KV back.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import torch
 from PIL import Image
 
 from irg_engine import images
+from irg_engine.golden_observer import GoldenObserver
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.parity import Case, Checks, Executor
 from irg_engine.recipes import RecipeParams, program
 from irg_engine.recipes.context import encode_latent
 from irg_engine.recipes.denoise import StepTrace
-from irg_engine.recipes.params import (
-    FIRST_IMAGE,
-    REFINE_IMAGE,
-    ImageOut,
-    Observer,
-    TextOut,
-)
+from irg_engine.recipes.params import FIRST_IMAGE, REFINE_IMAGE
 from irg_engine.recipes.stages import decode, prefill_text, vit_inputs
 from irg_engine.recipes.work import PrefillLatent, PrefillVit, ReadKV
 
@@ -139,41 +132,6 @@ def vae_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> No
         "vae_block.position_ids", np.full(kv[0][0].shape[0], rope - 1), e["vae_block.position_ids"]
     )
     _check_kv(checks, case, "vae_block.kv", kv)
-
-
-class GoldenObserver(Observer):
-    """Feeds stored noise (and optionally stored pixels) and records what the data stores."""
-
-    def __init__(self, noises: dict[int, torch.Tensor], pixels: dict[int, np.ndarray]) -> None:
-        self.noises, self.stored_pixels = noises, pixels
-        self.steps: dict[int, list[StepTrace]] = defaultdict(list)
-        self.tokens: dict[int, torch.Tensor] = {}
-        self.decoded: dict[int, torch.Tensor] = {}
-        self.images: dict[int, ImageOut] = {}
-        self.thinks: dict[int, tuple[TextOut, list[int]]] = {}
-        self.decode_steps: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        self.segments: list[tuple[str, list[int], int]] = []
-
-    def text_token(self, stage, round, token, position, logits) -> None:
-        self.decode_steps[round].append((position, logits))
-
-    def text_segment(self, context: str, ids: list[int], start: int) -> None:
-        self.segments.append((context, ids, start))
-
-    def text_done(self, out: TextOut, generated: list[int]) -> None:
-        self.thinks[out.round] = (out, generated)
-
-    def image_step(self, round: int, trace: StepTrace, total: int) -> None:
-        self.steps[round].append(trace)
-
-    def image_done(self, round, tokens, decoded, out) -> None:
-        self.tokens[round], self.decoded[round], self.images[round] = tokens, decoded, out
-
-    def feedback_pixels(self, round: int, pixels: np.ndarray) -> np.ndarray:
-        return self.stored_pixels.get(round, pixels)
-
-    def noise(self, round: int, default: torch.Tensor) -> torch.Tensor:
-        return self.noises[round]
 
 
 def _zeros_if_none(v: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
