@@ -77,6 +77,19 @@ def run_engine(model, params_list, config=None):
     return engine, events, recorders
 
 
+def assert_like_reference(model, params, events, recorder):
+    """One engine request's final event, texts and latents against the same request run alone
+    through the reference recipes; returns the reference result and its recorder."""
+    ref_rec = Recorder()
+    ref = run(model, params, ref_rec)
+    final = events[-1]
+    assert isinstance(final, ev.Finished), final
+    assert [t["text"] for t in final.texts] == [t.text for t in ref.texts], params
+    for r, tokens in ref_rec.latents.items():
+        assert rel_l2(recorder.latents[r], tokens) < 1e-4
+    return ref, ref_rec
+
+
 @pytest.mark.parametrize("decode_graphs", ["off", "static"])
 def test_concurrent_mixed_requests_match_the_reference(tiny_model, decode_graphs):
     params = mixed_requests()
@@ -86,18 +99,12 @@ def test_concurrent_mixed_requests_match_the_reference(tiny_model, decode_graphs
         assert engine.runner.graphs.graphs > 0  # decode-only steps took the static buffers
     assert engine.stats().steps < sum(p.num_timesteps for p in params) * 3  # really batched
     for i, p in enumerate(params):
-        ref_rec = Recorder()
-        ref = run(tiny_model, p, ref_rec)
-        final = events[i][-1]
-        assert isinstance(final, ev.Finished), final
-        assert [t["text"] for t in final.texts] == [t.text for t in ref.texts], p
+        ref, ref_rec = assert_like_reference(tiny_model, p, events[i], recorders[i])
         done = [e for e in events[i] if isinstance(e, ev.ImageDone)]
         assert [d.round for d in done] == [im.round for im in ref.images]
         for d, im in zip(done, ref.images, strict=True):
             diff = np.abs(d.pixels.astype(int) - im.pixels.astype(int))
             assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-        for r, tokens in ref_rec.latents.items():
-            assert rel_l2(recorders[i].latents[r], tokens) < 1e-4
         if ref_rec.logits:
             assert rel_l2(torch.stack(recorders[i].logits), torch.stack(ref_rec.logits)) < 1e-4
         if p.partial_images:
@@ -265,10 +272,4 @@ def test_engine_on_cuda_matches_the_cpu_reference(tiny_dir, tiny_model):
     engine, events, recorders = run_engine(cuda_model, params)
     assert engine.runner.graphs.capture and engine.runner.graphs.graphs > 0  # graphs replayed
     for i, p in enumerate(params):
-        ref_rec = Recorder()
-        ref = run(tiny_model, p, ref_rec)
-        final = events[i][-1]
-        assert isinstance(final, ev.Finished), final
-        assert [t["text"] for t in final.texts] == [t.text for t in ref.texts], p
-        for r, tokens in ref_rec.latents.items():
-            assert rel_l2(recorders[i].latents[r], tokens) < 1e-4
+        assert_like_reference(tiny_model, p, events[i], recorders[i])
