@@ -24,7 +24,7 @@ import torch
 
 from irg_engine import events as ev
 from irg_engine.attention import resolve_backend
-from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.block_pool import BlockPool
 from irg_engine.config import EngineConfig, EngineStats
 from irg_engine.image_work import ImageWork
 from irg_engine.model.bagel import LoadedModel
@@ -181,42 +181,35 @@ class Engine:
         return seq.blocks_needed(self.pool, item.tokens)
 
     def _run_batch(self, batch: list[tuple[Request, Scheduled]]) -> None:
-        snapshots = self._snapshot([s.item for _, s in batch])
-        try:
-            self.runner.step([s for _, s in batch])
-        except Exception as error:  # isolate the request that caused it
-            log.exception("engine step failed; retrying item by item")
-            self._rollback(snapshots)
-            done, failed = [], []
-            for req, sch in batch:
-                snap = self._snapshot([sch.item])
-                try:
-                    self.runner.step([sch])
-                    done.append((req, sch))
-                except Exception as single:
-                    self._rollback(snap)
-                    failed.append((req, single))
+        """Run the step; if it raises, roll it back and run each item alone, so only the
+        requests whose items fail end (a fault in every item marks the engine unhealthy)."""
+        done, failed = batch, []
+        if (error := self._try([s for _, s in batch])) is None:
+            self.healthy, self.fault = True, None
+        else:
+            log.error("engine step failed; retrying item by item", exc_info=error)
+            alone = [(req, sch, self._try([sch])) for req, sch in batch]
+            done = [(req, sch) for req, sch, e in alone if e is None]
+            failed = [(req, e) for req, _, e in alone if e is not None]
             if not done:  # flagged before the failures go out, so readers see it with them
                 self.healthy, self.fault = False, f"{type(error).__name__}: {error}"
-            for req, single in failed:
-                self._finish(req, ev.Failed("engine_error", f"model error: {single}"))
-            for req, sch in done:
-                self._deliver(req, sch)
-            self.steps += 1
-            return
-        self.healthy, self.fault = True, None
         self.steps += 1
-        for req, sch in batch:
+        for req, e in failed:
+            self._finish(req, ev.Failed("engine_error", f"model error: {e}"))
+        for req, sch in done:
             self._deliver(req, sch)
 
-    @staticmethod
-    def _snapshot(items: list) -> list[tuple[KVSequence, tuple[list[int], int, int]]]:
-        """The layout of every sequence these items write, for `_rollback`."""
-        return [(item.ctx, item.ctx.save()) for item in items if not isinstance(item, Velocity)]
-
-    def _rollback(self, snapshots) -> None:
-        for seq, saved in snapshots:
-            seq.restore(self.pool, saved)
+    def _try(self, scheduled: list[Scheduled]) -> Exception | None:
+        """Run these items; on an exception, put every sequence they wrote back as it was."""
+        written = [s.item.ctx for s in scheduled if not isinstance(s.item, Velocity)]
+        saved = [(seq, seq.save()) for seq in written]
+        try:
+            self.runner.step(scheduled)
+        except Exception as error:
+            for seq, layout in saved:
+                seq.restore(self.pool, layout)
+            return error
+        return None
 
     def _deliver(self, req: Request, sch: Scheduled) -> None:
         item = sch.item
