@@ -1,8 +1,12 @@
-"""keep_large_blocks: after it, a large tensor comes from the heap rather than a fresh mmap."""
+"""keep_large_blocks: after it, a large tensor comes from the heap rather than a fresh mmap, and
+other threads allocate from the same heap."""
 
 import ctypes
 import ctypes.util
 import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -33,3 +37,52 @@ def test_large_tensors_come_from_the_heap():
     big = torch.ones(48 * 1024 * 1024 // 4)  # 48 MiB: above glibc's largest default threshold
     assert mmapped_bytes() - before < 1024 * 1024
     assert float(big.sum()) == big.numel()
+
+
+THREAD_HEAPS = textwrap.dedent(
+    """
+    import ctypes, ctypes.util, os, re, tempfile, threading
+    import torch
+    from irg_engine.host_memory import keep_large_blocks
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+
+    def heaps():
+        fd, path = tempfile.mkstemp()
+        os.close(fd)
+        fp = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        with open(path) as f:
+            text = f.read()
+        os.unlink(path)
+        return len(re.findall("<heap nr=", text))
+
+    assert keep_large_blocks()
+    seen = []
+
+    def work():
+        big = torch.ones(40 * 2**18)  # 40 MiB, touched
+        seen.append(heaps())
+        del big
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    print(seen[0])
+    """
+)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_other_threads_allocate_from_the_main_heap():
+    # A fresh interpreter: arenas made by earlier tests' threads would stay whatever we set now.
+    out = subprocess.run(
+        [sys.executable, "-c", THREAD_HEAPS], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) == 1
