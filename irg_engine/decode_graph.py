@@ -6,11 +6,11 @@ for a handful of rows), not by the GPU. `DecodeGraphs` runs these steps on stati
 by a bucket — the batch padded to a power of two, the longest context padded up a geometric
 ladder — so that each bucket's forward can be captured once as a CUDA graph and replayed.
 
-Flow of one step: `run(ids, positions, write_slots, contexts)` fills the bucket's buffers (ids,
-RoPE positions, the KV slot each new key goes to, and a `[B, L]` slot index + mask over each
-request's context, its new token last), then replays the bucket's graph (capturing it on first
-use) and returns the real rows of the logits. Padding rows write their key to the scratch slot
-the runner reserves past the pool's slots and attend to that slot alone.
+Flow of one step: `run(ids, positions, write_slots, seqs, block_size)` fills the bucket's
+buffers (ids, RoPE positions, the KV slot each new key goes to, and a `[B, L]` slot index + mask
+over each request's context, its new token last), then replays the bucket's graph (capturing it
+on first use) and returns the real rows of the logits. Padding rows write their key to the
+scratch slot the runner reserves past the pool's slots and attend to that slot alone.
 
 Off CUDA (or with capture off) the same static forward runs eagerly: tests exercise the buffer
 layout on the CPU and compare it with the reference.
@@ -25,8 +25,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from irg_engine.attention.decode import decode_attention
+from irg_engine.block_pool import KVSequence
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.model.lm import UND, ExpertRoutes
+from irg_engine.paged_plan import slot_index
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +110,16 @@ class DecodeGraphs:
         ids: list[int],
         positions: list[int],
         write_slots: list[int],
-        contexts: list[torch.Tensor],
+        seqs: list[KVSequence],
+        block_size: int,
     ) -> torch.Tensor:
         """Logits `[len(ids), vocab]` (float32, CPU) of one decode token per request.
 
-        `contexts[i]` holds request i's context slots (CPU, long) with its new slot last.
+        `seqs[i]` is request i's context, its new token already reserved (last).
         """
         n = len(ids)
         b = batch_bucket(n)
-        length = context_bucket(max(len(c) for c in contexts))
+        length = context_bucket(max(s.length for s in seqs))
         # Host-side layout first, then one copy per buffer: the replay reads device memory only.
         host = Buffers.zeros(b, length, torch.device("cpu"))
         host.write.fill_(self.scratch)
@@ -124,9 +127,9 @@ class DecodeGraphs:
         host.ids[:n] = torch.tensor(ids)
         host.positions[:n] = torch.tensor(positions)
         host.write[:n] = torch.tensor(write_slots)
-        for i, ctx in enumerate(contexts):
-            host.index[i, : len(ctx)] = ctx
-            host.mask[i, : len(ctx)] = True
+        host.index[:n], host.mask[:n] = slot_index(
+            [s.blocks for s in seqs], [s.length for s in seqs], block_size, length, self.scratch
+        )
         host.mask[n:, 0] = True  # padding rows see their own scratch key: no empty softmax
         known = self._graphs.get((b, length))
         buf = known[0] if known else Buffers.zeros(b, length, self.device)
