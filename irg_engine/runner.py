@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from irg_engine import packed_head
 from irg_engine.block_pool import BlockPool, KVSequence
 from irg_engine.decode_graph import DecodeGraphs
 from irg_engine.model.bagel import LoadedModel
@@ -69,6 +70,8 @@ class Runner:
             for _ in range(lm.num_layers)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
+        head = model.bagel.lm.lm_head.weight
+        self.head = packed_head.PackedHead(head) if packed_head.available(head) else None
         cuda = dev.type == "cuda"
         self.graphs = None
         if decode_graphs == "static" or (decode_graphs == "auto" and cuda):
@@ -183,7 +186,9 @@ class Runner:
         hidden = bagel(torch.cat(rows), torch.cat(pos), torch.cat(gen), plan)
         decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
         if decodes:  # one lm_head pass for every decode row: the vocabulary matrix is read once
-            for sch, row in zip(decodes, bagel.logits(hidden[: len(decodes)]).cpu(), strict=True):
+            rows = hidden[: len(decodes)]
+            logits = self.head(rows) if self.head is not None else bagel.logits(rows).cpu()
+            for sch, row in zip(decodes, logits, strict=True):
                 sch.result = row
         for sch in batch:
             if isinstance(sch.item, Velocity):  # the latent rows, between the two markers

@@ -11,7 +11,7 @@ import pytest
 
 from tests.server_fixtures import SMALL, SseReader, live_server, metric, read_sse, wait_for
 
-# Long enough (~1 s and more on two CPU cores) to still be running when the test acts on it.
+# Long enough (~0.35 s on two CPU cores) to still be running when the test acts on it.
 LONG = {"prompt": "a long one", "recipe": "t2i", "width": 64, "height": 64, "num_timesteps": 60}
 
 
@@ -48,9 +48,13 @@ def test_caps_1_and_1_admit_exactly_two_of_ten(server, http):
             waiting_seen.append(server.state.client.stats().waiting)
             stop.wait(0.005)
 
+    # ~1.2 s each: the admitted ones must outlast the whole burst, whatever else loads the CPU
+    # (at 60 steps the first one once finished before the last of the ten had arrived).
+    body = {**LONG, "num_timesteps": 200}
+
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/generate", json=LONG) for _ in range(10)))
+            return await asyncio.gather(*(client.post("/generate", json=body) for _ in range(10)))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
