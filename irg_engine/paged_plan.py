@@ -41,8 +41,8 @@ def slot_index(
 
 def sequence_slots(seq: KVSequence, block_size: int) -> torch.Tensor:
     """Host slots of every token of one sequence."""
-    index, _ = slot_index([seq.blocks], [seq.length], block_size)
-    return index[0]
+    blocks = torch.tensor(seq.blocks, dtype=torch.long)
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[: seq.length]
 
 
 @dataclass(slots=True)

@@ -12,6 +12,8 @@ All report to the request's `Observer`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import Any
 
 import torch
@@ -76,8 +78,9 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     the 152k-entry vocabulary is ever summed entry by entry: sums of 1024-entry blocks (float32
     within a block, float64 across blocks) find the block, a float64 running sum inside it finds
     the token. The softmax normaliser is folded into the uniform number instead of dividing
-    every entry. A pure function of the row: the same logits and generator give the same token
-    whatever else runs.
+    every entry. The block level (~150 numbers) runs as Python floats: a dozen fewer tensor ops
+    per token, the same float64 running sums. A pure function of the row: the same logits and
+    generator give the same token whatever else runs.
     """
     if temperature <= 0:
         return int(logits.argmax())
@@ -85,18 +88,18 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     weights = (x - x.max()).mul_(1.0 / temperature).exp_()
     n = weights.numel()
     full = n - n % CDF_BLOCK
-    sums = weights[:full].view(-1, CDF_BLOCK).sum(1)
+    sums = weights[:full].view(-1, CDF_BLOCK).sum(1).tolist()
     if full < n:
-        sums = torch.cat([sums, weights[full:].sum(0, keepdim=True)])
-    block_cdf = sums.double().cumsum(0)
-    u = torch.rand((), generator=generator, dtype=torch.float64) * block_cdf[-1]
-    block = min(int(torch.searchsorted(block_cdf, u, right=True)), len(sums) - 1)
+        sums.append(float(weights[full:].sum()))
+    block_cdf = list(itertools.accumulate(sums))
+    u = float(torch.rand((), generator=generator, dtype=torch.float64)) * block_cdf[-1]
+    block = min(bisect.bisect_right(block_cdf, u), len(sums) - 1)
     start = block * CDF_BLOCK
-    before = block_cdf[block - 1] if block else 0.0
-    inner = weights[start : start + CDF_BLOCK].double().cumsum(0) + before
+    rest = u - (block_cdf[block - 1] if block else 0.0)
+    inner = weights[start : start + CDF_BLOCK].double().cumsum(0)
     # The block's float32 sum and its float64 running sum can differ in the last bits: a draw in
     # that sliver takes the block's last token rather than spilling into the next block.
-    return start + min(int(torch.searchsorted(inner, u, right=True)), len(inner) - 1)
+    return start + min(int(torch.searchsorted(inner, rest, right=True)), len(inner) - 1)
 
 
 def decode(
