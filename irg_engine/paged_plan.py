@@ -74,8 +74,10 @@ class PagedPlan:
             seqs = [s.seq for s in segments[:decodes]]
             index, mask = slot_index([s.blocks for s in seqs], [s.length for s in seqs], bs)
             self.decode_index = index.to(dev)
-            # Additive, built once per step: SDPA would convert a boolean mask in every layer.
-            self.decode_mask = torch.zeros(mask.shape, device=dev).masked_fill_(
+            # Additive, in the compute dtype (as SDPA would convert a boolean mask in every
+            # layer), built once per step.
+            dtype = runner.model.bagel.dtype
+            self.decode_mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(
                 ~mask.to(dev), float("-inf")
             )
         self.others = [
