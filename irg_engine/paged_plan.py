@@ -34,15 +34,19 @@ def slot_index(
     width = width or max(lengths)
     blocks = max(-(-width // block_size), max(len(t) for t in tables))
     table = torch.tensor([t + [0] * (blocks - len(t)) for t in tables], dtype=torch.long)
-    index = (table[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :width]
+    index = _expand(table, block_size)[:, :width]
     mask = torch.arange(width) < torch.tensor(lengths)[:, None]
     return index.masked_fill_(~mask, fill), mask
 
 
 def sequence_slots(seq: KVSequence, block_size: int) -> torch.Tensor:
     """Host slots of every token of one sequence."""
-    blocks = torch.tensor(seq.blocks, dtype=torch.long)
-    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[: seq.length]
+    return _expand(torch.tensor(seq.blocks, dtype=torch.long), block_size)[: seq.length]
+
+
+def _expand(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The slots of every offset of the blocks in the last dim, in order."""
+    return (blocks[..., None] * block_size + torch.arange(block_size)).flatten(-2)
 
 
 @dataclass(slots=True)
