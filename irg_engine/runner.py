@@ -9,7 +9,8 @@ block * block_size + offset, as `block_pool.py` hands them out). For each step i
 2. runs the model once over all rows: tokens are routed to their expert inside each layer, and
    attention runs through `PagedPlan` (`paged_plan.py`), which writes the new keys into the
    cache and gathers each segment's context by slot;
-3. hands each item its result (logits of a decode row, velocities of a denoising step).
+3. hands each item its result: for the decode rows their logits and next tokens, all sampled
+   in one call (`sampler.py`), for a denoising step its velocities.
 VAE encodes/decodes and the ViT encoder run per item, outside the shared forward.
 """
 
@@ -26,7 +27,15 @@ from irg_engine.decode_graph import DecodeGraphs
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.paged_plan import PagedPlan, Segment, sequence_slots
 from irg_engine.recipes.context import decode_latents, encode_latent
-from irg_engine.recipes.work import DecodeStep, PrefillLatent, PrefillText, PrefillVit, Velocity
+from irg_engine.recipes.work import (
+    Decoded,
+    DecodeStep,
+    PrefillLatent,
+    PrefillText,
+    PrefillVit,
+    Velocity,
+)
+from irg_engine.sampler import sample_rows
 
 
 def auto_kv_tokens(model: LoadedModel) -> int:
@@ -114,9 +123,7 @@ class Runner:
             positions.append(seq.rope)
             seq.rope += 1
         seqs = [sch.item.ctx for sch in batch]
-        logits = self.graphs.run(ids, positions, writes, seqs, self.pool.block_size)
-        for sch, row in zip(batch, logits, strict=True):
-            sch.result = row
+        _decoded(batch, self.graphs.run(ids, positions, writes, seqs, self.pool.block_size))
 
     @torch.no_grad()
     def step(self, batch: list[Scheduled]) -> None:
@@ -187,13 +194,21 @@ class Runner:
         decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
         if decodes:  # one lm_head pass for every decode row: the vocabulary matrix is read once
             rows = hidden[: len(decodes)]
-            logits = self.head(rows) if self.head is not None else bagel.logits(rows).cpu()
-            for sch, row in zip(decodes, logits, strict=True):
-                sch.result = row
+            _decoded(decodes, self.head(rows) if self.head is not None else bagel.logits(rows))
         for sch in batch:
             if isinstance(sch.item, Velocity):  # the latent rows, between the two markers
                 spans_ = spans[id(sch)]
                 sch.result = [bagel.velocity(hidden[a + 1 : b - 1]).cpu() for a, b in spans_]
+
+
+def _decoded(batch: list[Scheduled], logits: torch.Tensor) -> None:
+    """Each decode item's result: its logits row and its next token, all rows sampled at once."""
+    logits = logits.float().cpu()
+    tokens = sample_rows(
+        logits, [s.item.temperature for s in batch], [s.item.generator for s in batch]
+    )
+    for sch, token, row in zip(batch, tokens, logits, strict=True):
+        sch.result = Decoded(token, row)
 
 
 # Packed row order (see the module docstring); PagedPlan relies on written rows coming first.

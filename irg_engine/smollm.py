@@ -284,12 +284,12 @@ def continuation(ids: list[int], n: int):
         ctx = env.contexts.new("main")
         if len(ids) > 1:
             yield PrefillText(ctx, list(ids[:-1]))
-        logits = yield DecodeStep(ctx, ids[-1])
+        step = yield DecodeStep(ctx, ids[-1])
         out: list[int] = []
         while len(out) < n:
-            out.append(int(logits.argmax()))
+            out.append(step.token)  # temperature 0: the argmax
             if len(out) < n:
-                logits = yield DecodeStep(ctx, out[-1])
+                step = yield DecodeStep(ctx, out[-1])
         return out
 
     return program

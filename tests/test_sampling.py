@@ -1,10 +1,11 @@
-"""The token sampler: the right distribution, across block boundaries, and reproducible."""
+"""The token sampler: the right distribution, across block boundaries, reproducible, and the
+same token for a row alone or in a batch."""
 
 from __future__ import annotations
 
 import torch
 
-from irg_engine.recipes.stages import CDF_BLOCK, sample_token
+from irg_engine.sampler import CDF_BLOCK, sample_rows, sample_token
 
 
 def test_draws_follow_the_softmax_across_blocks():
@@ -30,3 +31,19 @@ def test_same_generator_state_gives_the_same_tokens_and_zero_temperature_is_gree
     b = [sample_token(logits, 1.0, torch.Generator().manual_seed(s)) for s in range(20)]
     assert a == b and len(set(a)) > 1
     assert sample_token(logits, 0.0, torch.Generator()) == int(logits.argmax())
+
+
+def test_a_row_draws_the_same_token_alone_and_in_a_batch():
+    logits = torch.randn(6, 3 * CDF_BLOCK + 100, generator=torch.Generator().manual_seed(2)) * 3
+    temperatures = [0.3, 0.0, 1.0, 0.3, 2.0, 0.0]
+
+    def generators(seed: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed * 10 + i) for i in range(6)]
+
+    for seed in range(25):
+        batch = sample_rows(logits, temperatures, generators(seed))
+        alone = [
+            sample_token(logits[i], temperatures[i], g) for i, g in enumerate(generators(seed))
+        ]
+        assert batch == alone
+        assert batch[1] == int(logits[1].argmax()) and batch[5] == int(logits[5].argmax())

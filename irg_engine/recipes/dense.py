@@ -22,6 +22,7 @@ from irg_engine.recipes.context import (
     prefill_vit_block,
 )
 from irg_engine.recipes.work import (
+    Decoded,
     DecodeLatents,
     DecodeStep,
     EncodeLatent,
@@ -33,6 +34,7 @@ from irg_engine.recipes.work import (
     Velocity,
     Work,
 )
+from irg_engine.sampler import sample_token
 
 
 class DenseContexts:
@@ -57,8 +59,9 @@ def execute(model: LoadedModel, item: Work) -> Any:
             prefill_vae_block(model, ctx, latent)
         case PrefillVit(ctx=ctx, patches=patches, ids=ids):
             prefill_vit_block(model, ctx, patches, ids)
-        case DecodeStep(ctx=ctx, token=token):
-            return model.bagel.logits(prefill_text(model, ctx, [token]))[0].cpu()
+        case DecodeStep(ctx=ctx, token=token, temperature=temperature, generator=generator):
+            logits = model.bagel.logits(prefill_text(model, ctx, [token]))[0].cpu()
+            return Decoded(sample_token(logits, temperature, generator), logits)
         case Velocity(contexts=contexts, x=x, t=t, grid=grid):
             return [predict_velocity(model, c, x, t, grid).cpu() for c in contexts]
         case EncodeLatent(image=image):

@@ -12,8 +12,6 @@ All report to the request's `Observer`.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 from typing import Any
 
 import torch
@@ -68,40 +66,6 @@ def prefill_image(
         yield PrefillVit(ctx, *vit_inputs(cfg.vit, src))
 
 
-CDF_BLOCK = 1024
-
-
-def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise one draw from softmax(logits / temperature).
-
-    The draw inverts the CDF with one uniform number, in two levels so that only one block of
-    the 152k-entry vocabulary is ever summed entry by entry: sums of 1024-entry blocks (float32
-    within a block, float64 across blocks) find the block, a float64 running sum inside it finds
-    the token. The softmax normaliser is folded into the uniform number instead of dividing
-    every entry. The block level (~150 numbers) runs as Python floats: a dozen fewer tensor ops
-    per token, the same float64 running sums. A pure function of the row: the same logits and
-    generator give the same token whatever else runs.
-    """
-    if temperature <= 0:
-        return int(logits.argmax())
-    x = logits.float().cpu()
-    weights = (x - x.max()).mul_(1.0 / temperature).exp_()
-    n = weights.numel()
-    full = n - n % CDF_BLOCK
-    sums = weights[:full].view(-1, CDF_BLOCK).sum(1).tolist()
-    if full < n:
-        sums.append(float(weights[full:].sum()))
-    block_cdf = list(itertools.accumulate(sums))
-    u = float(torch.rand((), generator=generator, dtype=torch.float64)) * block_cdf[-1]
-    block = min(bisect.bisect_right(block_cdf, u), len(sums) - 1)
-    start = block * CDF_BLOCK
-    rest = u - (block_cdf[block - 1] if block else 0.0)
-    inner = weights[start : start + CDF_BLOCK].double().cumsum(0)
-    # The block's float32 sum and its float64 running sum can differ in the last bits: a draw in
-    # that sliver takes the block's last token rather than spilling into the next block.
-    return start + min(int(torch.searchsorted(inner, rest, right=True)), len(inner) - 1)
-
-
 def decode(
     contexts: Contexts,
     ctx: Any,
@@ -120,11 +84,11 @@ def decode(
     ids = [tok.im_start]
     for step in range(max_length):
         position = contexts.rope(work)
-        logits = yield DecodeStep(work, ids[-1])
-        if on_token is not None:
-            on_token(ids[-1], position, logits)
         # The published loop samples on every step, the last included: keep the RNG stream equal.
-        nxt = sample_token(logits, temperature, generator)
+        out = yield DecodeStep(work, ids[-1], temperature, generator)
+        if on_token is not None:
+            on_token(ids[-1], position, out.logits)
+        nxt = out.token
         if step == max_length - 1 or nxt == tok.im_end:
             break
         ids.append(nxt)

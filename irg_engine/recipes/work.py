@@ -66,16 +66,28 @@ class PrefillVit:
 
 @dataclass(slots=True)
 class DecodeStep:
-    """Feed one token at the context's next position; the result is its logits (float32)."""
+    """Feed one token at the context's next position; the result is a `Decoded`: the logits
+    and the next token, drawn by the executor (`sampler.py`) at this temperature with this
+    generator (greedy at 0), so that an executor can sample all of a step's rows at once."""
 
     kind: ClassVar[str] = "decode"
 
     ctx: Any
     token: int
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
 
     @property
     def tokens(self) -> int:
         return 1
+
+
+@dataclass(slots=True)
+class Decoded:
+    """The result of a `DecodeStep`: the next token and the logits it was drawn from."""
+
+    token: int
+    logits: torch.Tensor  # [vocab], float32, on the host
 
 
 @dataclass(slots=True)
