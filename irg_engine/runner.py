@@ -25,6 +25,7 @@ from irg_engine import packed_head
 from irg_engine.block_pool import BlockPool, KVSequence
 from irg_engine.decode_graph import DecodeGraphs
 from irg_engine.model.bagel import LoadedModel
+from irg_engine.model.lm import UND, ExpertRoutes
 from irg_engine.paged_plan import PagedPlan, Segment, sequence_slots
 from irg_engine.recipes.context import decode_latents, encode_latent
 from irg_engine.recipes.work import (
@@ -113,6 +114,18 @@ class Runner:
                 cache[dst * bs : (dst + 1) * bs] = cache[src * bs : (src + 1) * bs]
         return reserved.slots
 
+    def _routes(self, latent_rows: list[tuple[int, int]], n: int) -> ExpertRoutes:
+        """Each expert's rows, from the step's layout on the host: no device sync per step."""
+        if not latent_rows:
+            return ExpertRoutes(None, None, UND)
+        mask = torch.zeros(n, dtype=torch.bool)
+        for start, end in latent_rows:
+            mask[start:end] = True
+        routes = ExpertRoutes.from_mask(mask)
+        if routes.everything is not None:
+            return routes
+        return ExpertRoutes(routes.und.to(self.device), routes.gen.to(self.device))
+
     def _decode_only(self, batch: list[Scheduled]) -> None:
         """The decode tokens of a step, through the static buffers of `DecodeGraphs`."""
         ids, positions, writes = [], [], []
@@ -161,12 +174,12 @@ class Runner:
             seq.rope += len(new)
             ids += new
         n = len(ids)
-        rows, pos, gen = [], [], []
+        rows, pos = [], []
         if ids:
             rows.append(bagel.embed_text(torch.tensor(ids, device=dev)))
             pos.append(torch.tensor(positions, device=dev))
-            gen.append(torch.zeros(n, dtype=torch.bool, device=dev))
         spans: dict[int, list[tuple[int, int]]] = {}
+        latent_rows: list[tuple[int, int]] = []  # the generation expert's rows
         for sch in batch[len(segments) :]:
             item = sch.item
             if isinstance(item, Velocity):
@@ -178,8 +191,10 @@ class Runner:
                 inner = bagel.embed_vit(item.patches.to(dev), item.ids.to(dev))
                 blocks = [(inner, False, item.ctx, True)]
             for inner, latent, seq, keep in blocks:
-                x, p, mask = bagel.image_block(inner, latent, markers, seq.rope)
+                x, p, _ = bagel.image_block(inner, latent, markers, seq.rope)
                 size = x.shape[0]
+                if latent:  # between the markers
+                    latent_rows.append((n + 1, n + size - 1))
                 if keep:  # a context image block: all its rows sit at one RoPE position
                     writes += self._reserve(seq, size)
                     seq.rope += 1
@@ -187,10 +202,10 @@ class Runner:
                 spans.setdefault(id(sch), []).append((n, n + size))
                 rows.append(x)
                 pos.append(p)
-                gen.append(mask)
                 n += size
         plan = PagedPlan(self, segments, writes)
-        hidden = bagel(torch.cat(rows), torch.cat(pos), torch.cat(gen), plan)
+        x, p = (torch.cat(t) if len(t) > 1 else t[0] for t in (rows, pos))
+        hidden = bagel(x, p, None, plan, routes=self._routes(latent_rows, n))
         decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
         if decodes:  # one lm_head pass for every decode row: the vocabulary matrix is read once
             rows = hidden[: len(decodes)]
