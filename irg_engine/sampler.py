@@ -30,8 +30,8 @@ def sample_rows(
     temperatures: Sequence[float],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
-    """One token per row of `logits [rows, vocab]` (a generator may be None where T <= 0)."""
-    logits = logits.float().cpu()
+    """One token per row of host float32 `logits [rows, vocab]` (both executors hand them over
+    so; a generator may be None where T <= 0)."""
     tokens = [int(logits[i].argmax()) if t <= 0 else -1 for i, t in enumerate(temperatures)]
     hot = [i for i, t in enumerate(temperatures) if t > 0]
     if not hot:
