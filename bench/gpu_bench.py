@@ -99,6 +99,21 @@ def timed(fn, device, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def write_profile(fn, device: torch.device, path: str | None) -> None:
+    """One more call of fn under the profiler: its kernels by their own device time, to path."""
+    if path is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+
+
 def denoise_flops(cfg: BagelConfig, queries: int, context: int) -> float:
     lm = cfg.lm
     h, d = lm.hidden_size, lm.head_dim
@@ -109,18 +124,18 @@ def denoise_flops(cfg: BagelConfig, queries: int, context: int) -> float:
     return 2 * queries * per_token * lm.num_layers + attention * lm.num_layers
 
 
-def bench_denoise(model: LoadedModel, engine: Engine, size: int, repeat: int) -> dict:
+def bench_denoise(
+    model: LoadedModel, engine: Engine, size: int, repeat: int, profile: str | None = None
+) -> dict:
     cfg = model.cfg
     ctx = RequestContexts(engine.pool)
     seq = ctx.new("context")
     engine.runner.step([Scheduled(PrefillText(seq, list(range(100, 612))), 512)])
     grid = (size // 16, size // 16)
     x = torch.randn(grid[0] * grid[1], cfg.latent_token_dim)
-    seconds = timed(
-        lambda: engine.runner.step([Scheduled(Velocity([seq], x, 0.5, grid), 1)]),
-        model.bagel.device,
-        repeat,
-    )
+    one = lambda: engine.runner.step([Scheduled(Velocity([seq], x, 0.5, grid), 1)])  # noqa: E731
+    seconds = timed(one, model.bagel.device, repeat)
+    write_profile(one, model.bagel.device, profile)
     three = timed(
         lambda: engine.runner.step([Scheduled(Velocity([seq, seq, seq], x, 0.5, grid), 1)]),
         model.bagel.device,
@@ -136,7 +151,13 @@ def bench_denoise(model: LoadedModel, engine: Engine, size: int, repeat: int) ->
 
 
 def bench_decode(
-    model: LoadedModel, engine: Engine, batch: int, context: int, steps: int, graphs: bool
+    model: LoadedModel,
+    engine: Engine,
+    batch: int,
+    context: int,
+    steps: int,
+    graphs: bool,
+    profile: str | None = None,
 ) -> dict:
     ctx = RequestContexts(engine.pool)
     seqs = [ctx.new(f"r{i}") for i in range(batch)]
@@ -150,6 +171,7 @@ def bench_decode(
         engine.runner.graphs = None  # the packed eager forward, for comparison
     try:
         seconds = timed(step, model.bagel.device, steps)
+        write_profile(step, model.bagel.device, profile)
     finally:
         engine.runner.graphs = kept
         ctx.free_all()
@@ -252,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of denoise,decode,irg (default: all)",
     )
     p.add_argument("--out", help="also write the JSON here, after every phase")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write profiler tables (kernels by device time) of one denoise pass and of the "
+        "32-request decode step, graphed and eager, into DIR",
+    )
     p.add_argument("--json", action="store_true")
     args, _ = p.parse_known_args(argv)
     device = torch.device(args.device)
@@ -270,15 +298,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     config = EngineConfig(max_running=max(32, args.concurrent), token_budget=16384)
     engine = Engine(model, config)
-    steps = [("denoise", lambda: bench_denoise(model, engine, args.size, repeat=3))]
-    steps += [
-        (f"decode_{b}", lambda b=b: bench_decode(model, engine, b, 600, 20, graphs=True))
-        for b in (1, 8, 32)
+    def profile(name: str) -> str | None:
+        return f"{args.profile}/profile_{name}.txt" if args.profile else None
+
+    steps = [
+        ("denoise", lambda: bench_denoise(model, engine, args.size, 3, profile("denoise")))
     ]
-    steps += [
-        (f"decode_eager_{b}", lambda b=b: bench_decode(model, engine, b, 600, 10, graphs=False))
-        for b in (1, 32)
-    ]
+    for b, graphs in ((1, True), (8, True), (32, True), (1, False), (32, False)):
+        name = f"decode_{b}" if graphs else f"decode_eager_{b}"
+        steps.append(
+            (
+                name,
+                lambda b=b, g=graphs, n=name: bench_decode(
+                    model, engine, b, 600, 20 if g else 10, g, profile(n) if b == 32 else None
+                ),
+            )
+        )
     for name, fn in steps:
         if name.split("_")[0] in args.phases:
             run_phase(result, name, lambda fn=fn: result.update(fn()), args.out)

@@ -113,7 +113,8 @@ class DecodeGraphs:
         seqs: list[KVSequence],
         block_size: int,
     ) -> torch.Tensor:
-        """Logits `[len(ids), vocab]` (float32, CPU) of one decode token per request.
+        """Logits `[len(ids), vocab]` (float32, on the device; a copy, not the graph's output
+        buffer) of one decode token per request.
 
         `seqs[i]` is request i's context, its new token already reserved (last).
         """
@@ -137,7 +138,7 @@ class DecodeGraphs:
         # First use of a bucket: capture it now (the capture reads the buffers just filled).
         replay = known[1] if known else self._record(buf)
         self._graphs[(b, length)] = (buf, replay)
-        return replay()[:n].cpu()
+        return replay()[:n].clone()
 
     def _forward(self, buf: Buffers) -> torch.Tensor:
         bagel = self.model.bagel

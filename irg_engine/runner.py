@@ -10,7 +10,7 @@ block * block_size + offset, as `block_pool.py` hands them out). For each step i
    attention runs through `PagedPlan` (`paged_plan.py`), which writes the new keys into the
    cache and gathers each segment's context by slot;
 3. hands each item its result: for the decode rows their logits and next tokens, all sampled
-   in one call (`sampler.py`), for a denoising step its velocities.
+   in one call on the device (`sampler.py`), for a denoising step its velocities.
 VAE encodes/decodes and the ViT encoder run per item, outside the shared forward.
 """
 
@@ -217,8 +217,8 @@ class Runner:
 
 
 def _decoded(batch: list[Scheduled], logits: torch.Tensor) -> None:
-    """Each decode item's result: its logits row and its next token, all rows sampled at once."""
-    logits = logits.float().cpu()
+    """Each decode item's result: its logits row and its next token, all rows sampled at once
+    on the logits' device (only the tokens come back to the host)."""
     tokens = sample_rows(
         logits, [s.item.temperature for s in batch], [s.item.generator for s in batch]
     )

@@ -60,7 +60,7 @@ def execute(model: LoadedModel, item: Work) -> Any:
         case PrefillVit(ctx=ctx, patches=patches, ids=ids):
             prefill_vit_block(model, ctx, patches, ids)
         case DecodeStep(ctx=ctx, token=token, temperature=temperature, generator=generator):
-            logits = model.bagel.logits(prefill_text(model, ctx, [token]))[0].cpu()
+            logits = model.bagel.logits(prefill_text(model, ctx, [token]))[0]
             return Decoded(sample_token(logits, temperature, generator), logits)
         case Velocity(contexts=contexts, x=x, t=t, grid=grid):
             return [predict_velocity(model, c, x, t, grid).cpu() for c in contexts]
