@@ -298,12 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     config = EngineConfig(max_running=max(32, args.concurrent), token_budget=16384)
     engine = Engine(model, config)
+
     def profile(name: str) -> str | None:
         return f"{args.profile}/profile_{name}.txt" if args.profile else None
 
-    steps = [
-        ("denoise", lambda: bench_denoise(model, engine, args.size, 3, profile("denoise")))
-    ]
+    steps = [("denoise", lambda: bench_denoise(model, engine, args.size, 3, profile("denoise")))]
     for b, graphs in ((1, True), (8, True), (32, True), (1, False), (32, False)):
         name = f"decode_{b}" if graphs else f"decode_eager_{b}"
         steps.append(
