@@ -24,4 +24,4 @@ timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention
 timeout 120 python3 -m irg_engine.parity --device cuda .golden/{text,vit,vae,t2i,edit,irg}/ \
     2>&1 | tail -12 | tee "$out/parity_cuda.txt"
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/engine_bench.py --preset bagel-7b --random-weights \
-    --out "$out/gpu_bench.json" "${@:2}" 2>&1 | tail -60
+    --out "$out/gpu_bench.json" --profile "$out" "${@:2}" 2>&1 | tail -60

@@ -28,10 +28,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As the published model: statistics and scaling in float32, rounded to the compute dtype,
-        # then the weight in that dtype. torch's rms_norm upcasts the same way (one fused kernel
-        # on CUDA instead of eight small ones).
-        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
+        # Statistics and scaling in float32, as the published model. It rounds to the compute
+        # dtype before multiplying by the weight; the fused kernel multiplies first and rounds
+        # once: bitwise the same in float32, within one bf16 ulp in bf16, and one pass over the
+        # rows fewer (on CUDA, one kernel instead of the published eight).
+        return F.rms_norm(x, self.weight.shape, self.weight, eps=self.eps)
 
 
 def rope_tables(
@@ -51,10 +52,18 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in x's dtype: the published model casts cos/sin to it first."""
+    """Rotate-half RoPE in x's dtype: the published model casts cos/sin to it first.
+
+    `x*cos + cat(-x2, x1)*sin` without the rotated copy: each half gets its product added (or
+    subtracted) in place, which rounds exactly as the published expression in any dtype and
+    reads/writes about half the bytes.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = x * c
+    out[..., :half] -= x[..., half:] * s[..., :half]
+    out[..., half:] += x[..., :half] * s[..., half:]
+    return out
 
 
 @dataclass(slots=True)
