@@ -191,8 +191,33 @@ class StageClock(Observer):
         self.marks[f"image{round}_done_s"] = time.perf_counter() - self.start
 
 
+def step_kind(batch: list[Scheduled]) -> str:
+    kinds = {type(s.item) for s in batch}
+    if Velocity in kinds:
+        return "with_denoise"
+    return "decode_only" if kinds == {DecodeStep} else "other"
+
+
+def tally_steps(engine: Engine) -> dict:
+    """Seconds and counts of the runner's steps by kind (each step ends in a host sync)."""
+    tally: dict = {}
+    step = engine.runner.step
+
+    def timed_step(batch: list[Scheduled]) -> None:
+        t0 = time.perf_counter()
+        step(batch)
+        entry = tally.setdefault(step_kind(batch), {"steps": 0, "seconds": 0.0, "items": 0})
+        entry["steps"] += 1
+        entry["items"] += len(batch)
+        entry["seconds"] += time.perf_counter() - t0
+
+    engine.runner.step = timed_step
+    return tally
+
+
 def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
     engine = Engine(model, config)
+    steps = tally_steps(engine)
     clocks, finals = [], []
     start = time.perf_counter()
     for i in range(n):
@@ -226,6 +251,7 @@ def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
         "seconds": total,
         "requests_per_s": n / total,
         "stages_of_first": clocks[0].marks,
+        "runner_steps": steps,  # the rest of `seconds` is host work and image encodes/decodes
     }
 
 

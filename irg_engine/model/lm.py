@@ -17,6 +17,7 @@ from torch import nn
 
 from irg_engine.attention import AttentionPlan
 from irg_engine.config import LMConfig
+from irg_engine.model.swiglu import silu_mul
 
 UND, GEN = 0, 1
 
@@ -128,7 +129,7 @@ class Expert(nn.Module):
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         x = x + self.o_proj(attn)
         h = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x + self.down_proj(silu_mul(self.gate_proj(h), self.up_proj(h)))
 
 
 class DecoderLayer(nn.Module):
