@@ -17,7 +17,7 @@ from torch import nn
 
 from irg_engine.attention import AttentionPlan
 from irg_engine.config import LMConfig
-from irg_engine.model.swiglu import silu_mul
+from irg_engine.model.fused import rope_qk, silu_mul
 
 UND, GEN = 0, 1
 
@@ -50,21 +50,6 @@ def rope_tables(
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in x's dtype: the published model casts cos/sin to it first.
-
-    `x*cos + cat(-x2, x1)*sin` without the rotated copy: each half gets its product added (or
-    subtracted) in place, which rounds exactly as the published expression in any dtype and
-    reads/writes about half the bytes.
-    """
-    half = x.shape[-1] // 2
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = x * c
-    out[..., :half] -= x[..., half:] * s[..., :half]
-    out[..., half:] += x[..., :half] * s[..., half:]
-    return out
 
 
 @dataclass(slots=True)
@@ -159,9 +144,8 @@ class DecoderLayer(nn.Module):
             for e, rows in routes.groups():
                 qe, ke, ve = self.experts[e].qkv(gather(x, rows), heads, cfg.num_kv_heads)
                 q, k, v = scatter(q, rows, qe), scatter(k, rows, ke), scatter(v, rows, ve)
-        # RoPE once over the query and key heads together (half the small kernels).
-        qk = apply_rope(torch.cat([q, k], dim=1), *rope)
-        attn = plan.attend(index, qk[:, :heads], qk[:, heads:], v).flatten(1)
+        q, k = rope_qk(q, k, *rope)
+        attn = plan.attend(index, q, k, v).flatten(1)
         if routes.everything is not None:
             return expert.finish(x, attn)
         out = torch.empty_like(x)
