@@ -7,10 +7,10 @@ by a bucket — the batch padded to a power of two, the longest context padded u
 ladder — so that each bucket's forward can be captured once as a CUDA graph and replayed.
 
 Flow of one step: `run(ids, positions, write_slots, seqs, block_size)` fills the bucket's
-buffers (ids, RoPE positions, the KV slot each new key goes to, and a `[B, L]` slot index + mask
-over each request's context, its new token last), then replays the bucket's graph (capturing it
-on first use) and returns the real rows of the logits. Padding rows write their key to the
-scratch slot the runner reserves past the pool's slots and attend to that slot alone.
+buffers (ids, RoPE positions, the KV slot each new key goes to, and a `[B, L]` slot index, mask
+and lengths over each request's context, its new token last), then replays the bucket's graph
+(capturing it on first use) and returns the real rows of the logits. Padding rows write their
+key to the scratch slot the runner reserves past the pool's slots and attend to that slot alone.
 
 Off CUDA (or with capture off) the same static forward runs eagerly: tests exercise the buffer
 layout on the CPU and compare it with the reference.
@@ -55,13 +55,14 @@ class Buffers:
     write: torch.Tensor  # [B] slot of each new key
     index: torch.Tensor  # [B, L] context slots (new key last), padded
     mask: torch.Tensor  # [B, L] True on real entries
+    lengths: torch.Tensor  # [B] real entries of each row (a prefix)
 
     @staticmethod
     def zeros(b: int, length: int, device: torch.device) -> Buffers:
         def z(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
-        return Buffers(z(b), z(b), z(b), z(b, length), z(b, length, dtype=torch.bool))
+        return Buffers(z(b), z(b), z(b), z(b, length), z(b, length, dtype=torch.bool), z(b))
 
     def copy_(self, other: Buffers) -> None:
         for f in fields(self):
@@ -78,7 +79,7 @@ class StaticDecodePlan:
         kc, vc = self.keys[layer], self.values[layer]
         kc.index_copy_(0, self.buf.write, k.to(kc.dtype))
         vc.index_copy_(0, self.buf.write, v.to(vc.dtype))
-        return decode_attention(q, kc, vc, self.buf.index, self.buf.mask)
+        return decode_attention(q, kc, vc, self.buf.index, self.buf.mask, self.buf.lengths)
 
 
 class DecodeGraphs:
@@ -132,6 +133,8 @@ class DecodeGraphs:
             [s.blocks for s in seqs], [s.length for s in seqs], block_size, length, self.scratch
         )
         host.mask[n:, 0] = True  # padding rows see their own scratch key: no empty softmax
+        host.lengths[:n] = torch.tensor([s.length for s in seqs])
+        host.lengths[n:] = 1
         known = self._graphs.get((b, length))
         buf = known[0] if known else Buffers.zeros(b, length, self.device)
         buf.copy_(host)

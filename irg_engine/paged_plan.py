@@ -76,8 +76,10 @@ class PagedPlan:
         self.decodes = decodes if decodes > 1 else 0
         if self.decodes:
             seqs = [s.seq for s in segments[:decodes]]
-            index, mask = slot_index([s.blocks for s in seqs], [s.length for s in seqs], bs)
+            lengths = [s.length for s in seqs]
+            index, mask = slot_index([s.blocks for s in seqs], lengths, bs)
             self.decode_index = index.to(dev)
+            self.decode_lengths = torch.tensor(lengths, device=dev)
             # Additive, in the compute dtype (as SDPA would convert a boolean mask in every
             # layer), built once per step.
             dtype = runner.model.bagel.dtype
@@ -96,7 +98,9 @@ class PagedPlan:
             vc.index_copy_(0, self.write, v[:written].to(vc.dtype))
         d = self.decodes
         if d:
-            decoded = decode_attention(q[:d], kc, vc, self.decode_index, self.decode_mask)
+            decoded = decode_attention(
+                q[:d], kc, vc, self.decode_index, self.decode_mask, self.decode_lengths
+            )
             if not self.others:
                 return decoded
         out = torch.empty_like(q)

@@ -31,7 +31,7 @@ def test_silu_mul_kernel_rounds_like_eager_torch(dtype):
     # An odd size: the last block is partial.
     gate = torch.randn(1031, 4099, device="cuda", generator=gen).mul_(4).to(dtype)
     up = torch.randn(1031, 4099, device="cuda", generator=gen).to(dtype)
-    assert fused._use_kernel(gate, up)
+    assert fused.kernels_usable(gate, up)
     out, eager = fused._fused_silu_mul(gate, up), F.silu(gate) * up
     differ = _report(f"silu_mul {dtype}", out, eager)
     # Same formula, same roundings: at most one ulp apart where libdevice and torch disagree.
@@ -49,7 +49,7 @@ def test_rope_kernel_rounds_like_eager_torch(dtype, heads):
     x = torch.randn(n, heads, 128, device="cuda", generator=gen).mul_(3).to(dtype)
     cos, sin = rope_tables(torch.arange(n, device="cuda") * 5, 128, 1e6)
     cos, sin = cos.to(dtype), sin.to(dtype)
-    assert fused._use_kernel(x, cos, sin)
+    assert fused.kernels_usable(x, cos, sin)
     out, eager = fused._fused_rope(x, cos, sin), fused.apply_rope(x, cos, sin)
     differ = _report(f"rope {dtype} heads={heads}", out, eager)
     if dtype == torch.bfloat16:  # every product is rounded explicitly: bitwise the same

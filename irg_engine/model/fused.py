@@ -1,6 +1,8 @@
 """The decoder's elementwise steps that Triton fuses on CUDA: the MLP activation `silu(gate) *
 up` and rotate-half RoPE. Each has its torch ops as the fallback (CPU, no Triton, or a kernel
-that ever fails).
+that ever fails). `kernels_usable` / `give_up` are the switch every Triton kernel of the
+engine shares (the paged decode attention too): one failure sends all of them to torch, and
+`IRG_TRITON=0` in the environment keeps them off from the start.
 
 Why: on the full-size model's 4,096-row denoising pass these steps are memory-bound passes
 over 30-155 MB tensors per layer. Eager silu writes an intermediate that the product reads back
@@ -35,11 +37,11 @@ _STATE = {"broken": False}
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` of two tensors of one shape and dtype."""
-    if _use_kernel(gate, up):
+    if kernels_usable(gate, up) and gate.shape == up.shape:
         try:
             return _fused_silu_mul(gate, up)
         except Exception as error:  # a compile or launch failure: fall back for good
-            _give_up(error)
+            give_up(error)
     return F.silu(gate) * up
 
 
@@ -47,11 +49,11 @@ def rope_qk(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE of queries `[n, Hq, d]` and keys `[n, Hk, d]` with tables `[n, d]`."""
-    if _use_kernel(q, k, cos, sin):
+    if kernels_usable(q, k, cos, sin) and _rope_fits(q, cos):
         try:
             return _fused_rope(q, cos, sin), _fused_rope(k, cos, sin)
         except Exception as error:
-            _give_up(error)
+            give_up(error)
     # One call over the query and key heads together: half the small kernels on the CPU.
     qk = apply_rope(torch.cat([q, k], dim=1), cos, sin)
     return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
@@ -72,22 +74,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
-    first = tensors[0]
+def kernels_usable(*tensors: torch.Tensor) -> bool:
+    """Triton is there, no kernel has failed, and the tensors are contiguous, on CUDA (or on
+    the CPU under Triton's interpreter), their floating-point ones of one dtype."""
     return (
         triton is not None
         and not _STATE["broken"]
-        and (first.is_cuda or _interpreted())
-        and all(t.is_contiguous() and t.dtype == first.dtype for t in tensors)
+        and os.environ.get("IRG_TRITON", "1") != "0"
+        and (tensors[0].is_cuda or interpreted())
+        and all(t.is_contiguous() for t in tensors)
+        and len({t.dtype for t in tensors if t.is_floating_point()}) == 1
     )
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _give_up(error: Exception) -> None:
+def give_up(error: Exception) -> None:
     _STATE["broken"] = True
     log.warning("fused elementwise kernels failed, using torch ops from now on: %s", error)
 
@@ -96,19 +101,20 @@ SILU_BLOCK = 2048
 
 
 def _fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if gate.shape != up.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     out = torch.empty_like(gate)
     n = gate.numel()
     grid = (triton.cdiv(n, SILU_BLOCK),)
-    _silu_mul_kernel[grid](gate, up, out, n, BLOCK=SILU_BLOCK, LIBDEVICE=not _interpreted())
+    _silu_mul_kernel[grid](gate, up, out, n, BLOCK=SILU_BLOCK, LIBDEVICE=not interpreted())
     return out
+
+
+def _rope_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    half = x.shape[-1] // 2
+    return x.shape[-1] % 2 == 0 and not half & (half - 1) and cos.shape == (x.shape[0], 2 * half)
 
 
 def _fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     n, heads, dim = x.shape
-    if dim % 2 or (dim // 2) & (dim // 2 - 1) or cos.shape != (n, dim) or sin.shape != (n, dim):
-        raise ValueError(f"rope kernel: x {tuple(x.shape)}, tables {tuple(cos.shape)}")
     out = torch.empty_like(x)
     if n:
         blocks = triton.next_power_of_2(heads)
