@@ -4,8 +4,8 @@ Owns the physical KV cache (per layer `[slots, kv_heads, head_dim]` for keys and
 block * block_size + offset, as `block_pool.py` hands them out). For each step it
 1. turns every scheduled item into rows and one attention segment per row group, reserving KV
    slots for the segments that write (copy-on-write copies happen first). Rows go in a fixed
-   order: decode tokens, prefill text (all text embedded in one call), image blocks, then one
-   row group per guidance branch of each denoising step;
+   order: decode tokens, prefill text (all text embedded in one call), ViT blocks, VAE blocks,
+   then one row group per guidance branch of each denoising step;
 2. runs the model once over all rows: tokens are routed to their expert inside each layer, and
    attention runs through `PagedPlan` (`paged_plan.py`), which writes the new keys into the
    cache and gathers each segment's context by slot;
@@ -115,16 +115,18 @@ class Runner:
         return reserved.slots
 
     def _routes(self, latent_rows: list[tuple[int, int]], n: int) -> ExpertRoutes:
-        """Each expert's rows, from the step's layout on the host: no device sync per step."""
+        """Each expert's rows, from the step's layout on the host: no device sync per step.
+
+        The latent blocks come last, so from the first one's opening marker on every row is a
+        latent or a marker: the generation expert takes that tail as a slice (`gen_from`).
+        """
         if not latent_rows:
             return ExpertRoutes(None, None, UND)
-        mask = torch.zeros(n, dtype=torch.bool)
+        latent = torch.zeros(n, dtype=torch.bool)
         for start, end in latent_rows:
-            mask[start:end] = True
-        routes = ExpertRoutes.from_mask(mask)
-        if routes.everything is not None:
-            return routes
-        return ExpertRoutes(routes.und.to(self.device), routes.gen.to(self.device))
+            latent[start:end] = True
+        und = torch.nonzero(~latent).squeeze(1)
+        return ExpertRoutes(und.to(self.device), None, gen_from=latent_rows[0][0] - 1)
 
     def _decode_only(self, batch: list[Scheduled]) -> None:
         """The decode tokens of a step, through the static buffers of `DecodeGraphs`."""
@@ -227,4 +229,5 @@ def _decoded(batch: list[Scheduled], logits: torch.Tensor) -> None:
 
 
 # Packed row order (see the module docstring); PagedPlan relies on written rows coming first.
-ROW_ORDER = {DecodeStep: 0, PrefillText: 1, PrefillLatent: 2, PrefillVit: 2, Velocity: 3}
+# Latent blocks last: `_routes` gives the generation expert the rows from the first one on.
+ROW_ORDER = {DecodeStep: 0, PrefillText: 1, PrefillVit: 2, PrefillLatent: 3, Velocity: 4}

@@ -27,6 +27,7 @@ if triton is not None:
 
 BLOCK_N = 64  # context entries per kernel iteration
 TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200
+MAX_SPLITS = 32
 
 
 def decode_attention(
@@ -76,6 +77,7 @@ def _paged(
     splits = min(
         triton.next_power_of_2(triton.cdiv(TARGET_PROGRAMS, b * kv_heads)),
         triton.next_power_of_2(blocks),
+        MAX_SPLITS,
     )
     chunk = triton.cdiv(blocks, splits) * BLOCK_N
     rows = max(16, triton.next_power_of_2(group))  # tl.dot wants 16+ rows
@@ -153,17 +155,23 @@ if triton is not None:
     ):  # fmt: skip
         b = tl.program_id(0).to(tl.int64)
         kv = tl.program_id(1)
-        s = tl.arange(0, SPLITS)
         g = tl.arange(0, ROWS)
         d = tl.arange(0, DIM)
-        part = (b * tl.num_programs(1) + kv) * SPLITS + s  # [SPLITS]
-        best = tl.load(best_ptr + part[:, None] * ROWS + g[None, :])  # [SPLITS, ROWS]
-        total = tl.load(total_ptr + part[:, None] * ROWS + g[None, :])
-        overall = tl.max(best, 0)  # split 0 always holds the first real entry
-        weight = tl.exp(best - overall[None, :])  # empty slices: exp(-inf) = 0
-        norm = tl.sum(weight * total, 0)
-        acc = tl.load(acc_ptr + ((part[:, None] * ROWS + g[None, :]) * DIM)[:, :, None] + d)
-        out = tl.sum(weight[:, :, None] * acc, 0) / norm[:, None]
-        query_rows = g < GROUP
+        first = (b * tl.num_programs(1) + kv) * SPLITS
+        # Slice 0 always holds the context's first entry, so `best` is finite from the start;
+        # a slice past the end has best = -inf and weighs exp(-inf) = 0.
+        best = tl.load(best_ptr + first * ROWS + g)
+        total = tl.load(total_ptr + first * ROWS + g)
+        acc = tl.load(acc_ptr + (first * ROWS + g)[:, None] * DIM + d[None, :])
+        for s in range(1, SPLITS):
+            part = first + s
+            other = tl.load(best_ptr + part * ROWS + g)
+            new_best = tl.maximum(best, other)
+            keep, take = tl.exp(best - new_best), tl.exp(other - new_best)
+            total = total * keep + tl.load(total_ptr + part * ROWS + g) * take
+            part_acc = tl.load(acc_ptr + (part * ROWS + g)[:, None] * DIM + d[None, :])
+            acc = acc * keep[:, None] + part_acc * take[:, None]
+            best = new_best
+        out = acc / total[:, None]
         at = out_ptr + b * q_row + (kv * GROUP + g)[:, None] * DIM + d[None, :]
-        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=query_rows[:, None])
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])

@@ -46,17 +46,26 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_qk(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE of queries `[n, Hq, d]` and keys `[n, Hk, d]` with tables `[n, d]`."""
-    if kernels_usable(q, k, cos, sin) and _rope_fits(q, cos):
+    """Rotate-half RoPE of queries `[n, Hq, d]` and keys `[n, Hk, d]` with tables `[n, d]`,
+    into `out` (two contiguous tensors of those shapes) if given."""
+    if kernels_usable(q, k, cos, sin, *(out or ())) and _rope_fits(q, cos):
         try:
-            return _fused_rope(q, cos, sin), _fused_rope(k, cos, sin)
+            out_q, out_k = out or (torch.empty_like(q), torch.empty_like(k))
+            return _fused_rope(q, cos, sin, out_q), _fused_rope(k, cos, sin, out_k)
         except Exception as error:
             give_up(error)
     # One call over the query and key heads together: half the small kernels on the CPU.
     qk = apply_rope(torch.cat([q, k], dim=1), cos, sin)
-    return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
+    q_rot, k_rot = qk[:, : q.shape[1]], qk[:, q.shape[1] :]
+    if out is None:
+        return q_rot, k_rot
+    return out[0].copy_(q_rot), out[1].copy_(k_rot)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,9 +122,10 @@ def _rope_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
     return x.shape[-1] % 2 == 0 and not half & (half - 1) and cos.shape == (x.shape[0], 2 * half)
 
 
-def _fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _fused_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     n, heads, dim = x.shape
-    out = torch.empty_like(x)
     if n:
         blocks = triton.next_power_of_2(heads)
         _rope_kernel[(n,)](x, cos, sin, out, heads, dim, HALF=dim // 2, HEADS=blocks)

@@ -54,11 +54,20 @@ def rope_tables(
 
 @dataclass(slots=True)
 class ExpertRoutes:
-    """Row indices per expert; `None` for an expert means it owns every row (the fast path)."""
+    """Row indices per expert; `None` for an expert means it owns every row (the fast path).
+
+    With `gen_from` set (the engine's packed steps, whose image blocks come last), the
+    generation expert runs on the contiguous rows `gen_from:` as a slice, with no gather or
+    scatter, and the understanding expert's rows `und` (the text before, and the two markers
+    of each image block among those rows) overwrite its results there. The markers cost the
+    generation expert two wasted rows per block; the gathers and scatters of its thousands
+    of latent rows, a copy of each per layer, are gone.
+    """
 
     und: torch.Tensor | None
     gen: torch.Tensor | None
     everything: int | None = None  # expert index when one expert owns all rows
+    gen_from: int | None = None
 
     @staticmethod
     def from_mask(gen_mask: torch.Tensor) -> ExpertRoutes:
@@ -105,16 +114,20 @@ class Expert(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
 
     def qkv(self, x: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, ...]:
+        """Queries and keys before RoPE, and values, `[rows, heads, head_dim]`."""
         h = self.input_norm(x)
         q = self.q_norm(self.q_proj(h).unflatten(-1, (heads, -1)))
         k = self.k_norm(self.k_proj(h).unflatten(-1, (kv_heads, -1)))
         v = self.v_proj(h).unflatten(-1, (kv_heads, -1))
         return q, k, v
 
-    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def finish(
+        self, x: torch.Tensor, attn: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The residual stream after the output projection and the MLP (into `out` if given)."""
         x = x + self.o_proj(attn)
         h = self.post_norm(x)
-        return x + self.down_proj(silu_mul(self.gate_proj(h), self.up_proj(h)))
+        return torch.add(x, self.down_proj(silu_mul(self.gate_proj(h), self.up_proj(h))), out=out)
 
 
 class DecoderLayer(nn.Module):
@@ -133,6 +146,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         heads = cfg.num_heads
+        if routes.gen_from is not None:
+            return self._split(x, rope, routes, plan, index)
         if routes.everything is not None:  # one expert owns every row: no gather/scatter
             expert = self.experts[routes.everything]
             q, k, v = expert.qkv(x, heads, cfg.num_kv_heads)
@@ -152,6 +167,36 @@ class DecoderLayer(nn.Module):
         for e, rows in routes.groups():
             out = scatter(out, rows, self.experts[e].finish(gather(x, rows), gather(attn, rows)))
         return out
+
+    def _split(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        routes: ExpertRoutes,
+        plan: AttentionPlan,
+        index: int,
+    ) -> torch.Tensor:
+        """The layer with the generation expert on the slice `gen_from:` (see ExpertRoutes)."""
+        cfg, start, und = self.cfg, routes.gen_from, routes.und
+        gen_expert, und_expert = self.experts[GEN], self.experts[UND]
+        n = x.shape[0]
+        q = x.new_empty(n, cfg.num_heads, cfg.head_dim)
+        k = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
+        v = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
+        cos, sin = rope
+        qg, kg, vg = gen_expert.qkv(x[start:], cfg.num_heads, cfg.num_kv_heads)
+        rope_qk(qg, kg, cos[start:], sin[start:], out=(q[start:], k[start:]))
+        v[start:] = vg
+        qu, ku, vu = und_expert.qkv(x.index_select(0, und), cfg.num_heads, cfg.num_kv_heads)
+        qu, ku = rope_qk(qu, ku, cos.index_select(0, und), sin.index_select(0, und))
+        q.index_copy_(0, und, qu)
+        k.index_copy_(0, und, ku)
+        v.index_copy_(0, und, vu)
+        attn = plan.attend(index, q, k, v).flatten(1)
+        out = torch.empty_like(x)
+        gen_expert.finish(x[start:], attn[start:], out=out[start:])
+        und_rows = und_expert.finish(x.index_select(0, und), attn.index_select(0, und))
+        return out.index_copy_(0, und, und_rows)
 
 
 class LanguageModel(nn.Module):
@@ -178,6 +223,9 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, routes, plan, i)
         out = torch.empty_like(x)
+        if routes.gen_from is not None:
+            out[routes.gen_from :] = self.norms[GEN](x[routes.gen_from :])
+            return out.index_copy_(0, routes.und, self.norms[UND](x.index_select(0, routes.und)))
         for e, rows in routes.groups():
             out = scatter(out, rows, self.norms[e](gather(x, rows)))
         return out
