@@ -152,10 +152,7 @@ class DecoderLayer(nn.Module):
             expert = self.experts[routes.everything]
             q, k, v = expert.qkv(x, heads, cfg.num_kv_heads)
         else:
-            n = x.shape[0]
-            q = x.new_empty(n, heads, cfg.head_dim)
-            k = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
-            v = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
+            q, k, v = self._empty_qkv(x)
             for e, rows in routes.groups():
                 qe, ke, ve = self.experts[e].qkv(gather(x, rows), heads, cfg.num_kv_heads)
                 q, k, v = scatter(q, rows, qe), scatter(k, rows, ke), scatter(v, rows, ve)
@@ -168,6 +165,15 @@ class DecoderLayer(nn.Module):
             out = scatter(out, rows, self.experts[e].finish(gather(x, rows), gather(attn, rows)))
         return out
 
+    def _empty_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step-wide q/k/v that each expert's rows are written into."""
+        cfg, n = self.cfg, x.shape[0]
+        return (
+            x.new_empty(n, cfg.num_heads, cfg.head_dim),
+            x.new_empty(n, cfg.num_kv_heads, cfg.head_dim),
+            x.new_empty(n, cfg.num_kv_heads, cfg.head_dim),
+        )
+
     def _split(
         self,
         x: torch.Tensor,
@@ -179,10 +185,7 @@ class DecoderLayer(nn.Module):
         """The layer with the generation expert on the slice `gen_from:` (see ExpertRoutes)."""
         cfg, start, und = self.cfg, routes.gen_from, routes.und
         gen_expert, und_expert = self.experts[GEN], self.experts[UND]
-        n = x.shape[0]
-        q = x.new_empty(n, cfg.num_heads, cfg.head_dim)
-        k = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
-        v = x.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self._empty_qkv(x)
         cos, sin = rope
         qg, kg, vg = gen_expert.qkv(x[start:], cfg.num_heads, cfg.num_kv_heads)
         rope_qk(qg, kg, cos[start:], sin[start:], out=(q[start:], k[start:]))
