@@ -29,7 +29,7 @@ class GoldenObserver(Observer):
         self.segments: list[tuple[str, list[int], int]] = []
 
     def text_token(self, stage, round, token, position, logits) -> None:
-        self.decode_steps[round].append((position, logits))
+        self.decode_steps[round].append((position, logits.cpu()))
 
     def text_segment(self, context: str, ids: list[int], start: int) -> None:
         self.segments.append((context, ids, start))

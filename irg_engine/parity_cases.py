@@ -51,7 +51,7 @@ def text_case(case: Case, model: LoadedModel, checks: Checks, ex: Executor) -> N
             case.spec["settings"]["max_length"],
             0.0,
             torch.Generator(),
-            on_token=lambda t, pos, logits: steps.append((pos, logits)),
+            on_token=lambda t, pos, logits: steps.append((pos, logits.cpu())),
         )
         return kv, ids
 

@@ -27,7 +27,7 @@ class Recorder(Observer):
         self.latents, self.logits = {}, []
 
     def text_token(self, stage, round, token, position, logits):
-        self.logits.append(logits)
+        self.logits.append(logits.cpu())
 
     def image_done(self, round, tokens, decoded, out):
         self.latents[round] = tokens

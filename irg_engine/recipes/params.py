@@ -112,7 +112,8 @@ class Observer:
     def text_token(
         self, stage: str, round: int, token: int, position: int, logits: torch.Tensor
     ) -> None:
-        """Each decode step: the token fed at this step, its position and its logits."""
+        """Each decode step: the token fed at this step, its position and its logits (float32,
+        on the model's device: an observer that keeps them copies them to the host)."""
 
     def text_segment(self, context: str, ids: list[int], start: int) -> None:
         """A text segment was prefilled into the named context at positions from `start`."""

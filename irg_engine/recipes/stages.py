@@ -78,7 +78,8 @@ def decode(
     """Generate from `<|im_start|>` on a fork of ctx; returns (ids with the start token, fork).
 
     Stops after `max_length` steps (the start token counts) or when `<|im_end|>` is produced
-    (not appended, not fed). `on_token(id, position, logits)` sees every step.
+    (not appended, not fed). `on_token(id, position, logits)` sees every step (the logits stay
+    on the model's device: copying them to the host is the observer's choice).
     """
     work = contexts.fork(ctx, "decode")
     ids = [tok.im_start]

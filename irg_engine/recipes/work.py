@@ -87,12 +87,7 @@ class Decoded:
     """The result of a `DecodeStep`: the next token and the logits it was drawn from."""
 
     token: int
-    row: torch.Tensor  # [vocab], float32, on the device that computed it
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """The logits on the host (a copy from the GPU: only observers that record them ask)."""
-        return self.row.cpu()
+    logits: torch.Tensor  # [vocab], float32, on the device that computed it
 
 
 @dataclass(slots=True)
