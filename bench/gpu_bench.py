@@ -21,6 +21,7 @@ import time
 import traceback
 
 import torch
+from gpu_probes import StageClock, tally_steps, timed, write_profile
 
 from irg_engine import events
 from irg_engine.config import BagelConfig, EngineConfig, LMConfig, ViTConfig
@@ -30,7 +31,6 @@ from irg_engine.model.embed import sincos_2d
 from irg_engine.model.vae import AutoEncoder, VaeConfig
 from irg_engine.qwen_vocab import build_qwen_tokenizer
 from irg_engine.recipes import RecipeParams
-from irg_engine.recipes.params import Observer
 from irg_engine.recipes.work import DecodeStep, PrefillText, Velocity
 from irg_engine.request import Request, RequestContexts
 from irg_engine.runner import Scheduled
@@ -82,36 +82,6 @@ def random_model(cfg: BagelConfig, device: torch.device, dtype: torch.dtype) -> 
         name="bagel-7b (random weights)",
         random_weights=True,
     )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeat: int) -> float:
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
-
-
-def write_profile(fn, device: torch.device, path: str | None) -> None:
-    """One more call of fn under the profiler: its kernels by their own device time, to path."""
-    if path is None:
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        fn()
-        sync(device)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
 
 
 def denoise_flops(cfg: BagelConfig, queries: int, context: int) -> float:
@@ -177,42 +147,6 @@ def bench_decode(
         ctx.free_all()
     tag = f"decode_{batch}" if graphs else f"decode_eager_{batch}"
     return {f"{tag}_ms": seconds * 1e3, f"{tag}_tokens_per_s": batch / seconds}
-
-
-class StageClock(Observer):
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.marks: dict[str, float] = {}
-
-    def text_done(self, out, generated) -> None:
-        self.marks[f"{out.stage}{out.round}_done_s"] = time.perf_counter() - self.start
-
-    def image_done(self, round, tokens, decoded, out) -> None:
-        self.marks[f"image{round}_done_s"] = time.perf_counter() - self.start
-
-
-def step_kind(batch: list[Scheduled]) -> str:
-    kinds = {type(s.item) for s in batch}
-    if Velocity in kinds:
-        return "with_denoise"
-    return "decode_only" if kinds == {DecodeStep} else "other"
-
-
-def tally_steps(engine: Engine) -> dict:
-    """Seconds and counts of the runner's steps by kind (each step ends in a host sync)."""
-    tally: dict = {}
-    step = engine.runner.step
-
-    def timed_step(batch: list[Scheduled]) -> None:
-        t0 = time.perf_counter()
-        step(batch)
-        entry = tally.setdefault(step_kind(batch), {"steps": 0, "seconds": 0.0, "items": 0})
-        entry["steps"] += 1
-        entry["items"] += len(batch)
-        entry["seconds"] += time.perf_counter() - t0
-
-    engine.runner.step = timed_step
-    return tally
 
 
 def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:

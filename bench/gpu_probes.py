@@ -1,0 +1,79 @@
+"""The full-size benchmark's instruments: timing with device syncs, profiler tables, per-stage
+clocks of a request and a tally of the runner's steps by kind (`bench/gpu_bench.py` uses them)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from irg_engine.engine import Engine
+from irg_engine.recipes.params import Observer
+from irg_engine.recipes.work import DecodeStep, Velocity
+from irg_engine.runner import Scheduled
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeat: int) -> float:
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def write_profile(fn, device: torch.device, path: str | None) -> None:
+    """One more call of fn under the profiler: its kernels by their own device time, to path."""
+    if path is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+
+
+class StageClock(Observer):
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.marks: dict[str, float] = {}
+
+    def text_done(self, out, generated) -> None:
+        self.marks[f"{out.stage}{out.round}_done_s"] = time.perf_counter() - self.start
+
+    def image_done(self, round, tokens, decoded, out) -> None:
+        self.marks[f"image{round}_done_s"] = time.perf_counter() - self.start
+
+
+def step_kind(batch: list[Scheduled]) -> str:
+    kinds = {type(s.item) for s in batch}
+    if Velocity in kinds:
+        return "with_denoise"
+    return "decode_only" if kinds == {DecodeStep} else "other"
+
+
+def tally_steps(engine: Engine) -> dict:
+    """Seconds and counts of the runner's steps by kind (each step ends in a host sync)."""
+    tally: dict = {}
+    step = engine.runner.step
+
+    def timed_step(batch: list[Scheduled]) -> None:
+        t0 = time.perf_counter()
+        step(batch)
+        entry = tally.setdefault(step_kind(batch), {"steps": 0, "seconds": 0.0, "items": 0})
+        entry["steps"] += 1
+        entry["items"] += len(batch)
+        entry["seconds"] += time.perf_counter() - t0
+
+    engine.runner.step = timed_step
+    return tally
