@@ -7,9 +7,10 @@ by a bucket — the batch padded to a power of two, the longest context padded u
 ladder — so that each bucket's forward can be captured once as a CUDA graph and replayed.
 
 Flow of one step: `run(ids, positions, write_slots, seqs, block_size)` fills the bucket's
-buffers (ids, RoPE positions, the KV slot each new key goes to, and a `[B, L]` slot index, mask
-and lengths over each request's context, its new token last), then replays the bucket's graph
-(capturing it on first use) and returns the real rows of the logits. Padding rows write their
+buffers (ids, RoPE positions, the KV slot each new key goes to, the length of each request's
+context and a `[B, L]` slot index over it, its new token last) on the host and sends them in one
+copy, then replays the bucket's graph (capturing it on first use) and returns the real rows of
+the logits. Padding rows write their
 key to the scratch slot the runner reserves past the pool's slots and attend to that slot alone.
 
 Off CUDA (or with capture off) the same static forward runs eagerly: tests exercise the buffer
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -50,23 +51,20 @@ Replay = Callable[[], torch.Tensor]
 
 @dataclass(slots=True)
 class Buffers:
+    """A bucket's inputs, all views of one int64 block: the host fills its own block and sends
+    it in one copy (pinned and asynchronous on CUDA)."""
+
+    flat: torch.Tensor  # [4B + B*L]
     ids: torch.Tensor  # [B] token ids
     positions: torch.Tensor  # [B] RoPE positions
     write: torch.Tensor  # [B] slot of each new key
+    lengths: torch.Tensor  # [B] real entries of each index row (a prefix)
     index: torch.Tensor  # [B, L] context slots (new key last), padded
-    mask: torch.Tensor  # [B, L] True on real entries
-    lengths: torch.Tensor  # [B] real entries of each row (a prefix)
 
     @staticmethod
-    def zeros(b: int, length: int, device: torch.device) -> Buffers:
-        def z(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        return Buffers(z(b), z(b), z(b), z(b, length), z(b, length, dtype=torch.bool), z(b))
-
-    def copy_(self, other: Buffers) -> None:
-        for f in fields(self):
-            getattr(self, f.name).copy_(getattr(other, f.name))
+    def zeros(b: int, length: int, device: torch.device, pinned: bool = False) -> Buffers:
+        flat = torch.zeros(4 * b + b * length, dtype=torch.long, device=device, pin_memory=pinned)
+        return Buffers(flat, *flat[: 4 * b].view(4, b), flat[4 * b :].view(b, length))
 
 
 class StaticDecodePlan:
@@ -74,12 +72,15 @@ class StaticDecodePlan:
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], buf: Buffers):
         self.keys, self.values, self.buf = keys, values, buf
+        # The mask of the real entries, for the torch attention path (the kernel reads lengths).
+        width = buf.index.shape[1]
+        self.mask = torch.arange(width, device=buf.index.device) < buf.lengths[:, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.keys[layer], self.values[layer]
         kc.index_copy_(0, self.buf.write, k.to(kc.dtype))
         vc.index_copy_(0, self.buf.write, v.to(vc.dtype))
-        return decode_attention(q, kc, vc, self.buf.index, self.buf.mask, self.buf.lengths)
+        return decode_attention(q, kc, vc, self.buf.index, self.mask, self.buf.lengths)
 
 
 class DecodeGraphs:
@@ -96,7 +97,8 @@ class DecodeGraphs:
         self.scratch, self.capture = scratch_slot, capture
         self.max_batch = batch_bucket(max_batch)
         self.device = model.bagel.device
-        self._graphs: dict[tuple[int, int], tuple[Buffers, Replay]] = {}
+        # Per bucket: the host's block, the device's, and the replay.
+        self._graphs: dict[tuple[int, int], tuple[Buffers, Buffers, Replay | None]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     @property
@@ -122,25 +124,30 @@ class DecodeGraphs:
         n = len(ids)
         b = batch_bucket(n)
         length = context_bucket(max(s.length for s in seqs))
-        # Host-side layout first, then one copy per buffer: the replay reads device memory only.
-        host = Buffers.zeros(b, length, torch.device("cpu"))
+        key = (b, length)
+        if key not in self._graphs:
+            pinned = self.device.type == "cuda"
+            host = Buffers.zeros(b, length, torch.device("cpu"), pinned)
+            self._graphs[key] = (host, Buffers.zeros(b, length, self.device), None)
+        host, buf, replay = self._graphs[key]
+        # Host-side layout first, then one copy: the replay reads device memory only. The last
+        # step's copy from this block is done: its tokens were read back since.
+        lengths = [s.length for s in seqs]
+        host.flat.zero_()
         host.write.fill_(self.scratch)
-        host.index.fill_(self.scratch)
         host.ids[:n] = torch.tensor(ids)
         host.positions[:n] = torch.tensor(positions)
         host.write[:n] = torch.tensor(write_slots)
-        host.index[:n], host.mask[:n] = slot_index(
-            [s.blocks for s in seqs], [s.length for s in seqs], block_size, length, self.scratch
-        )
-        host.mask[n:, 0] = True  # padding rows see their own scratch key: no empty softmax
-        host.lengths[:n] = torch.tensor([s.length for s in seqs])
-        host.lengths[n:] = 1
-        known = self._graphs.get((b, length))
-        buf = known[0] if known else Buffers.zeros(b, length, self.device)
-        buf.copy_(host)
-        # First use of a bucket: capture it now (the capture reads the buffers just filled).
-        replay = known[1] if known else self._record(buf)
-        self._graphs[(b, length)] = (buf, replay)
+        host.lengths[:n] = torch.tensor(lengths)
+        host.lengths[n:] = 1  # padding rows see their own scratch key: no empty softmax
+        host.index.fill_(self.scratch)
+        host.index[:n] = slot_index(
+            [s.blocks for s in seqs], lengths, block_size, length, self.scratch
+        )[0]
+        buf.flat.copy_(host.flat, non_blocking=True)
+        if replay is None:  # first use of a bucket: capture it now, on the buffers just filled
+            replay = self._record(buf)
+            self._graphs[key] = (host, buf, replay)
         return replay()[:n].clone()
 
     def _forward(self, buf: Buffers) -> torch.Tensor:
