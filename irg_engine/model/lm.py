@@ -190,7 +190,8 @@ class DecoderLayer(nn.Module):
         qg, kg, vg = gen_expert.qkv(x[start:], cfg.num_heads, cfg.num_kv_heads)
         rope_qk(qg, kg, cos[start:], sin[start:], out=(q[start:], k[start:]))
         v[start:] = vg
-        qu, ku, vu = und_expert.qkv(x.index_select(0, und), cfg.num_heads, cfg.num_kv_heads)
+        x_und = x.index_select(0, und)
+        qu, ku, vu = und_expert.qkv(x_und, cfg.num_heads, cfg.num_kv_heads)
         qu, ku = rope_qk(qu, ku, cos.index_select(0, und), sin.index_select(0, und))
         q.index_copy_(0, und, qu)
         k.index_copy_(0, und, ku)
@@ -198,7 +199,7 @@ class DecoderLayer(nn.Module):
         attn = plan.attend(index, q, k, v).flatten(1)
         out = torch.empty_like(x)
         gen_expert.finish(x[start:], attn[start:], out=out[start:])
-        und_rows = und_expert.finish(x.index_select(0, und), attn.index_select(0, und))
+        und_rows = und_expert.finish(x_und, attn.index_select(0, und))
         return out.index_copy_(0, und, und_rows)
 
 
