@@ -13,7 +13,9 @@ built on the host and copied to the device once.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +35,13 @@ def slot_index(
     and the `[B, width]` mask of the real entries (`width` 0: the longest length)."""
     width = width or max(lengths)
     blocks = max(-(-width // block_size), max(len(t) for t in tables))
-    table = torch.tensor([t + [0] * (blocks - len(t)) for t in tables], dtype=torch.long)
+    # The table through a flat int64 array: torch.tensor of nested lists is slower (32 rows of
+    # 128 blocks: 0.39 ms against 0.25).
+    flat = array("q")
+    for t in tables:
+        flat.extend(t)
+        flat.extend(repeat(0, blocks - len(t)))
+    table = torch.frombuffer(flat, dtype=torch.long).view(len(tables), blocks)
     index = _expand(table, block_size)[:, :width]
     mask = torch.arange(width) < torch.tensor(lengths)[:, None]
     return index.masked_fill_(~mask, fill), mask
@@ -46,7 +54,7 @@ def sequence_slots(seq: KVSequence, block_size: int) -> torch.Tensor:
 
 def _expand(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """The slots of every offset of the blocks in the last dim, in order."""
-    return (blocks[..., None] * block_size + torch.arange(block_size)).flatten(-2)
+    return torch.add(torch.arange(block_size), blocks[..., None], alpha=block_size).flatten(-2)
 
 
 @dataclass(slots=True)
