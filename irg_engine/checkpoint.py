@@ -6,8 +6,9 @@ A folder holds `llm_config.json`, `vit_config.json`, the BAGEL weights (`ema.saf
 published code applies (QK-norm on, the last ViT layer dropped, untied lm_head), infer the
 autoencoder's shape from its tensors, build the modules on the meta device, then read each tensor
 from the memory-mapped files, convert it to the target dtype/device and assign it (one copy of the
-weights at any time). Every problem is reported as one `CheckpointError` naming the file or the
-missing / unexpected / mis-shaped tensors.
+weights at any time; q/k/v and gate/up parts go straight into their rows of the joined
+projections). Every problem is reported as one `CheckpointError` naming the file or the missing /
+unexpected / mis-shaped tensors.
 
 `python -m irg_engine.checkpoint inspect DIR` prints what a folder holds.
 """
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from irg_engine.config import BagelConfig, LMConfig, ViTConfig
 from irg_engine.host_memory import keep_large_blocks
 from irg_engine.model.bagel import Bagel, LoadedModel
+from irg_engine.model.lm import part_rows
 from irg_engine.model.vae import AutoEncoder, VaeConfig
 from irg_engine.published_names import (
     patch_embed_as_linear,
@@ -236,13 +238,21 @@ def load(
     )
 
     state = {}
+    joined = part_rows(bagel)  # q/k/v and gate/up parts: copied into their rows of one tensor
+    shapes = {n: p.shape for n, p in bagel.named_parameters()}
     for shard in files.bagel:
         for name, tensor in _iter_tensors(shard, "cpu"):
-            if name in mapping:
-                tensor = (
-                    patch_embed_as_linear(tensor) if "patch_embedding.weight" in name else tensor
-                )
-                state[mapping[name]] = tensor.to(device=device, dtype=dtype)
+            if name not in mapping:
+                continue
+            internal = mapping[name]
+            if internal in joined:
+                target, start, end = joined[internal]
+                if target not in state:
+                    state[target] = torch.empty(shapes[target], device=device, dtype=dtype)
+                state[target][start:end].copy_(tensor)
+                continue
+            tensor = patch_embed_as_linear(tensor) if "patch_embedding.weight" in name else tensor
+            state[internal] = tensor.to(device=device, dtype=dtype)
     bagel.load_state_dict(state, assign=True, strict=True)
     del state
     vae_state = {n: t.to(device=device, dtype=vae_dtype) for n, t in _iter_tensors(files.ae, "cpu")}

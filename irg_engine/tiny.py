@@ -50,7 +50,9 @@ def tiny_config(vocab_size: int) -> BagelConfig:
 def _randomise(bagel: Bagel, generator: torch.Generator) -> None:
     """Weights large enough that every component visibly changes the outputs."""
     with torch.no_grad():
-        for name, p in bagel.named_parameters():
+        # By published part (the state dict's views into the joined projections): the same
+        # draws, in the same order, whatever the modules join.
+        for name, p in bagel.state_dict().items():
             if name.endswith("pos_embed"):
                 continue
             if p.dim() == 1:

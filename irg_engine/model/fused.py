@@ -18,6 +18,10 @@ launches now; the test asserts both):
 Both launch with `enable_fp_fusion=False`: with Triton's default the compiler dropped the
 rounding of each RoPE product to bf16 and fused product and sum into one FMA (18% of bf16
 outputs one rounding off eager torch, 25% of float32 ones).
+
+The silu kernel reads gate and up from the joined gate|up projection's rows. That addressing
+came after the last GPU run; under Triton's interpreter its outputs are bitwise those of the
+two-tensor kernel that ran there (float32 and bf16, rows that do not align with blocks).
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ except ImportError:  # CPU builds of torch come without Triton
 _STATE = {"broken": False}
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`silu(gate) * up` of two tensors of one shape and dtype."""
-    if kernels_usable(gate, up) and gate.shape == up.shape:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` where the last dim of `gate_up` is gate then up (the joined
+    projection's output), `[..., 2I]` -> `[..., I]`."""
+    if kernels_usable(gate_up) and gate_up.shape[-1] % 2 == 0:
         try:
-            return _fused_silu_mul(gate, up)
+            return _fused_silu_mul(gate_up)
         except Exception as error:  # a compile or launch failure: fall back for good
             give_up(error)
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -114,12 +120,19 @@ def give_up(error: Exception) -> None:
 SILU_BLOCK = 2048
 
 
-def _fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(gate)
-    n = gate.numel()
+def _fused_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
+    n = out.numel()
     grid = (triton.cdiv(n, SILU_BLOCK),)
     _silu_mul_kernel[grid](
-        gate, up, out, n, BLOCK=SILU_BLOCK, LIBDEVICE=not interpreted(), enable_fp_fusion=False
+        gate_up,
+        out,
+        n,
+        width,
+        BLOCK=SILU_BLOCK,
+        LIBDEVICE=not interpreted(),
+        enable_fp_fusion=False,
     )
     return out
 
@@ -145,12 +158,14 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul_kernel(
-        gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr
+        gate_up_ptr, out_ptr, n, width, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         keep = offsets < n
-        g = tl.load(gate_ptr + offsets, mask=keep, other=0.0)
-        u = tl.load(up_ptr + offsets, mask=keep, other=0.0)
+        # Output row r, column c reads gate at 2*width*r + c and up `width` entries after it.
+        gate_at = offsets + (offsets // width) * width
+        g = tl.load(gate_up_ptr + gate_at, mask=keep, other=0.0)
+        u = tl.load(gate_up_ptr + gate_at + width, mask=keep, other=0.0)
         x = g.to(tl.float32)
         # libdevice's expf is the one torch's CUDA silu calls (the interpreter lacks it)
         e = libdevice.exp(-x) if LIBDEVICE else tl.exp(-x)

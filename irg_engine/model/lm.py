@@ -96,30 +96,55 @@ def scatter(out: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -
 
 
 class Expert(nn.Module):
-    """One expert's weights for one layer: attention projections, QK-norms, MLP, two norms."""
+    """One expert's weights for one layer: attention projections, QK-norms, MLP, two norms.
+
+    q/k/v are one joined projection and gate/up another: one GEMM each instead of three and
+    two, because a decode step's small GEMMs read their weights at a fraction of the bandwidth
+    one large GEMM reaches. The state dict keeps the published parts (`q_proj.weight`, ...):
+    it splits the joined tensors on the way out, and on the way in the load hook concatenates
+    them (`join_parts`) or the checkpoint loader copies each part into its rows (`part_rows`).
+    """
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
+        q, kv, mlp = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
+        # Each joined projection's parts, in the order of its output rows.
+        self.parts = {
+            "qkv_proj": (("q_proj", q), ("k_proj", kv), ("v_proj", kv)),
+            "gate_up_proj": (("gate_proj", mlp), ("up_proj", mlp)),
+        }
         self.input_norm = RMSNorm(h, cfg.rms_eps)
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(d, cfg.rms_eps) if cfg.qk_norm else nn.Identity()
         self.post_norm = RMSNorm(h, cfg.rms_eps)
-        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * mlp, bias=False)
+        self.down_proj = nn.Linear(mlp, h, bias=False)
+        self.register_state_dict_post_hook(_split_parts)
+        self.register_load_state_dict_pre_hook(
+            lambda module, state, prefix, *_: module.join_parts(state, prefix)
+        )
+
+    def join_parts(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Replace the published parts in `state` (keys under `prefix`) by the joined tensors."""
+        for joined, parts in self.parts.items():
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}{part}.{kind}" for part, _ in parts]
+                if all(n in state for n in names):
+                    state[f"{prefix}{joined}.{kind}"] = torch.cat([state.pop(n) for n in names])
 
     def qkv(self, x: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, ...]:
-        """Queries and keys before RoPE, and values, `[rows, heads, head_dim]`."""
+        """Queries and keys before RoPE, and values, `[rows, heads, head_dim]` (values are a
+        view into the joined projection's output)."""
         h = self.input_norm(x)
-        q = self.q_norm(self.q_proj(h).unflatten(-1, (heads, -1)))
-        k = self.k_norm(self.k_proj(h).unflatten(-1, (kv_heads, -1)))
-        v = self.v_proj(h).unflatten(-1, (kv_heads, -1))
-        return q, k, v
+        q, k, v = (
+            self.qkv_proj(h)
+            .unflatten(-1, (heads + 2 * kv_heads, -1))
+            .split([heads, kv_heads, kv_heads], dim=1)
+        )
+        return self.q_norm(q), self.k_norm(k), v
 
     def finish(
         self, x: torch.Tensor, attn: torch.Tensor, out: torch.Tensor | None = None
@@ -127,7 +152,47 @@ class Expert(nn.Module):
         """The residual stream after the output projection and the MLP (into `out` if given)."""
         x = x + self.o_proj(attn)
         h = self.post_norm(x)
-        return torch.add(x, self.down_proj(silu_mul(self.gate_proj(h), self.up_proj(h))), out=out)
+        return torch.add(x, self.down_proj(silu_mul(self.gate_up_proj(h))), out=out)
+
+
+def _split_parts(expert: Expert, state: dict, prefix: str, _metadata) -> None:
+    """State-dict hook: the joined tensors as their published parts, in the published order
+    (each part's weight, then its bias). The parts are views of the joined tensors."""
+    mine = [k for k in state if k.startswith(prefix)]
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key in mine:
+        module, kind = key[len(prefix) :].rsplit(".", 1)
+        tensors.setdefault(module, {})[kind] = state.pop(key)
+    for module, kinds in tensors.items():
+        parts = expert.parts.get(module)
+        if parts is None:
+            for kind, t in kinds.items():
+                state[f"{prefix}{module}.{kind}"] = t
+            continue
+        pieces = {kind: t.split([n for _, n in parts]) for kind, t in kinds.items()}
+        for i, (part, _) in enumerate(parts):
+            for kind in kinds:
+                state[f"{prefix}{part}.{kind}"] = pieces[kind][i]
+
+
+def part_rows(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """For every published part of every expert in `model` (state-dict names from its root):
+    the joined parameter that holds it and the rows it fills there, `(name, start, end)`."""
+    rows = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Expert):
+            for joined, parts in module.parts.items():
+                kinds = [kind for kind, _ in getattr(module, joined).named_parameters()]
+                start = 0
+                for part, size in parts:
+                    for kind in kinds:
+                        rows[f"{name}.{part}.{kind}"] = (
+                            f"{name}.{joined}.{kind}",
+                            start,
+                            start + size,
+                        )
+                    start += size
+    return rows
 
 
 class DecoderLayer(nn.Module):
