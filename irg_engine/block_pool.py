@@ -7,7 +7,9 @@ and slot numbers (`block * block_size + offset`) from here.
 - `KVSequence` is one context's layout: a list of blocks, a token count and the next RoPE
   position. `fork` shares every block (count + 1) instead of copying. `append` reserves slots for
   new tokens; when the last block is shared and partly filled it is copied first (copy-on-write),
-  so a fork never sees tokens appended to another sequence.
+  so a fork never sees tokens appended to another sequence. `hold_back` uncounts appended tokens
+  but keeps their slots for the next append (a step run ahead, see `runner.py`); `trim` gives
+  such slots back.
 """
 
 from __future__ import annotations
@@ -122,6 +124,20 @@ class KVSequence:
         self.length += n
         out.slots = self.slots(pool, start, self.length)
         return out
+
+    def hold_back(self, n: int) -> None:
+        """Uncount the last n tokens but keep their slots: the next append of up to n tokens
+        lands on them again. `trim` gives their blocks back if that append never comes."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot hold back {n} of {self.length} tokens")
+        self.length -= n
+
+    def trim(self, pool: BlockPool) -> None:
+        """Release the blocks past those the length covers (held-back slots never used)."""
+        keep = -(-self.length // pool.block_size)
+        if not self.freed and len(self.blocks) > keep:
+            pool.release(self.blocks[keep:])
+            del self.blocks[keep:]
 
     def free(self, pool: BlockPool) -> None:
         if not self.freed:

@@ -95,6 +95,9 @@ class EngineConfig:
     # Decode-only steps: auto = replayed as CUDA graphs on CUDA, the packed forward elsewhere;
     # off = always the packed forward; static = the graphs' static buffers, run eagerly (tests).
     decode_graphs: str = "auto"
+    # With decode graphs: start the next decode step of the requests that will surely decode
+    # again before their programs see this step's tokens (irg_engine/decode_ahead.py).
+    decode_ahead: bool = True
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:

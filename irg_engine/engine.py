@@ -59,6 +59,7 @@ class Engine:
             resolve_backend(cfg.attention_backend),
             cfg.decode_graphs,
             max_batch=cfg.max_running,
+            decode_ahead=cfg.decode_ahead,
         )
         self.scheduler = Scheduler(cfg.token_budget, cfg.block_size)
         self.prefix_cache = PrefixCache(self.pool, cfg.prefix_cache_entries)

@@ -23,6 +23,7 @@ import torch
 
 from irg_engine import packed_head
 from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.decode_ahead import DecodeAhead
 from irg_engine.decode_graph import DecodeGraphs
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.model.lm import UND, ExpertRoutes
@@ -68,6 +69,7 @@ class Runner:
         backend: str = "sdpa",
         decode_graphs: str = "auto",
         max_batch: int = 64,
+        decode_ahead: bool = True,
     ) -> None:
         self.model, self.pool, self.backend = model, pool, backend
         lm = model.cfg.lm
@@ -87,6 +89,7 @@ class Runner:
         if decode_graphs == "static" or (decode_graphs == "auto" and cuda):
             capture = cuda and decode_graphs == "auto"
             self.graphs = DecodeGraphs(model, self.keys, self.values, slots, max_batch, capture)
+        self.ahead = DecodeAhead(self, decode_ahead and self.graphs is not None)
 
     # -- work outside the shared forward ------------------------------------------------------
     @torch.no_grad()
@@ -105,7 +108,7 @@ class Runner:
         )
 
     # -- the shared forward -------------------------------------------------------------------
-    def _reserve(self, seq: KVSequence, n: int) -> list[int]:
+    def reserve(self, seq: KVSequence, n: int) -> list[int]:
         """Slots for n new tokens of seq (its shared last block copied first where needed)."""
         reserved = seq.append(self.pool, n)
         bs = self.pool.block_size
@@ -129,11 +132,16 @@ class Runner:
         return ExpertRoutes(und.to(self.device), None, gen_from=latent_rows[0][0] - 1)
 
     def _decode_only(self, batch: list[Scheduled]) -> None:
-        """The decode tokens of a step, through the static buffers of `DecodeGraphs`."""
+        """The decode tokens of a step, through the static buffers of `DecodeGraphs` (the rows
+        run ahead last step only collect their results)."""
+        self.ahead.claim(batch)
+        batch = [sch for sch in batch if sch.result is None]
+        if not batch:
+            return
         ids, positions, writes = [], [], []
         for sch in batch:
             seq = sch.item.ctx
-            writes += self._reserve(seq, 1)
+            writes += self.reserve(seq, 1)
             ids.append(sch.item.token)
             positions.append(seq.rope)
             seq.rope += 1
@@ -146,14 +154,31 @@ class Runner:
 
         With decode graphs, the decode tokens run through them (replayed, not launched kernel by
         kernel) and everything else in one packed forward; otherwise all of it is one forward.
+        A graphed step ends by running the next decode step ahead (`decode_ahead.py`).
         """
-        if self.graphs is not None:
-            decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
-            if decodes and self.graphs.accepts(len(decodes)):
+        for sch in batch:  # a retried item (see Engine._run_batch) starts afresh
+            sch.result = None
+        if self.graphs is None:
+            self._packed(batch)
+            return
+        decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
+        graphed = bool(decodes) and self.graphs.accepts(len(decodes))
+        try:
+            if graphed:
                 self._decode_only(decodes)
                 batch = [sch for sch in batch if not isinstance(sch.item, DecodeStep)]
-                if not batch:
-                    return
+            else:
+                self.ahead.claim([])  # nothing here was foreseen: roll every row back
+            if batch:
+                self._packed(batch)
+        except Exception:
+            self.ahead.step_failed()
+            raise
+        if graphed:
+            self.ahead.launch(decodes)
+
+    def _packed(self, batch: list[Scheduled]) -> None:
+        """The batch as one packed forward."""
         bagel, tok, dev = self.model.bagel, self.model.tokenizer, self.device
         markers = (tok.vision_start, tok.vision_end)
         batch = sorted(batch, key=lambda sch: ROW_ORDER[type(sch.item)])
@@ -170,7 +195,7 @@ class Runner:
             else:
                 break
             seq = item.ctx
-            writes += self._reserve(seq, len(new))
+            writes += self.reserve(seq, len(new))
             segments.append(Segment(len(ids), len(ids) + len(new), True, seq, len(new)))
             positions.extend(range(seq.rope, seq.rope + len(new)))
             seq.rope += len(new)
@@ -198,7 +223,7 @@ class Runner:
                 if latent:  # between the markers
                     latent_rows.append((n + 1, n + size - 1))
                 if keep:  # a context image block: all its rows sit at one RoPE position
-                    writes += self._reserve(seq, size)
+                    writes += self.reserve(seq, size)
                     seq.rope += 1
                 segments.append(Segment(n, n + size, False, seq, size if keep else 0))
                 spans.setdefault(id(sch), []).append((n, n + size))

@@ -30,6 +30,15 @@ def sample_rows(
 ) -> list[int]:
     """One token per row of float32 `logits [rows, vocab]` (a generator may be None where
     T <= 0)."""
+    return draw_rows(logits, temperatures, generators).tolist()
+
+
+def draw_rows(
+    logits: torch.Tensor,
+    temperatures: Sequence[float],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """`sample_rows` without waiting: the tokens `[rows]` on the logits' device."""
     dev = logits.device
     hot = [i for i, t in enumerate(temperatures) if t > 0]
     cold = [i for i, t in enumerate(temperatures) if t <= 0]
@@ -38,7 +47,7 @@ def sample_rows(
         picked = _pick(cold, len(temperatures), dev)
         tokens[picked] = logits[picked].argmax(1)
     if not hot:
-        return tokens.tolist()
+        return tokens
     picked = _pick(hot, len(temperatures), dev)
     x = logits[picked]
     inverse = torch.tensor([[1.0 / temperatures[i]] for i in hot]).to(dev, non_blocking=True)
@@ -67,7 +76,7 @@ def sample_rows(
     # that sliver takes the block's last token rather than spilling into the next block.
     offset = torch.minimum(torch.searchsorted(inner, u - before, right=True), last)
     tokens[picked] = (start + offset).squeeze(1)
-    return tokens.tolist()
+    return tokens
 
 
 def _pick(rows: list[int], total: int, dev: torch.device) -> slice | torch.Tensor:

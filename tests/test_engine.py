@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from irg_engine.engine import Engine
 from irg_engine.parity import rel_l2
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.recipes.params import Observer
-from irg_engine.recipes.work import DecodeStep
+from irg_engine.recipes.work import DecodeStep, PrefillText
 from irg_engine.request import Request
 
 SMALL = dict(width=32, height=32, num_timesteps=3, max_think_tokens=5)
@@ -97,6 +98,7 @@ def test_concurrent_mixed_requests_match_the_reference(tiny_model, decode_graphs
     engine, events, recorders = run_engine(tiny_model, params, config)
     if decode_graphs == "static":
         assert engine.runner.graphs.graphs > 0  # decode-only steps took the static buffers
+        assert engine.runner.ahead.used > 0  # and ran ahead of the programs
     assert engine.stats().steps < sum(p.num_timesteps for p in params) * 3  # really batched
     for i, p in enumerate(params):
         ref, ref_rec = assert_like_reference(tiny_model, p, events[i], recorders[i])
@@ -137,8 +139,9 @@ def test_event_order_of_an_irg_request(tiny_model):
     assert deltas == done.text
 
 
-def test_pool_never_leaks_with_aborts_mid_think_and_mid_denoise(tiny_model):
-    engine = Engine(tiny_model, EngineConfig(max_running=6))
+@pytest.mark.parametrize("decode_graphs", ["off", "static"])
+def test_pool_never_leaks_with_aborts_mid_think_and_mid_denoise(tiny_model, decode_graphs):
+    engine = Engine(tiny_model, EngineConfig(max_running=6, decode_graphs=decode_graphs))
     sinks = {}
     for i in range(12):
         sinks[str(i)] = []
@@ -149,7 +152,14 @@ def test_pool_never_leaks_with_aborts_mid_think_and_mid_denoise(tiny_model):
         engine.step()
         for rid, req in list(engine.running.items()):
             kind = type(req.pending).__name__
-            if int(rid) % 3 == 0 and kind in ("DecodeStep", "Velocity") and kind not in aborted_in:
+            # Mid-think: a few tokens in, so that a step already runs ahead for it.
+            mid = kind == "Velocity" or req.usage["generated_tokens"] >= 2
+            if (
+                int(rid) % 3 == 0
+                and kind in ("DecodeStep", "Velocity")
+                and kind not in aborted_in
+                and mid
+            ):
                 aborted_in.add(kind)
                 engine.abort(rid)
     assert aborted_in == {"DecodeStep", "Velocity"}
@@ -158,6 +168,8 @@ def test_pool_never_leaks_with_aborts_mid_think_and_mid_denoise(tiny_model):
     assert all(isinstance(f, ev.Finished | ev.Failed) for f in finals)
     engine.clear_prefix_cache()
     assert engine.pool.num_used == 0 and not any(engine.pool.refs)
+    if decode_graphs == "static":  # steps ran ahead, and the aborted ones' were rolled back
+        assert engine.runner.ahead.used > 0 and engine.runner.ahead.rolled_back > 0
 
 
 def test_abort_frees_blocks_at_once(tiny_model):
@@ -177,8 +189,9 @@ def test_abort_frees_blocks_at_once(tiny_model):
     assert engine.pool.num_used == 0
 
 
-def test_a_faulty_request_does_not_take_down_the_others(tiny_model):
-    engine = Engine(tiny_model)
+@pytest.mark.parametrize("decode_graphs", ["off", "static"])
+def test_a_faulty_request_does_not_take_down_the_others(tiny_model, decode_graphs):
+    engine = Engine(tiny_model, EngineConfig(decode_graphs=decode_graphs))
     good, bad = [], []
 
     def broken(env):
@@ -191,6 +204,32 @@ def test_a_faulty_request_does_not_take_down_the_others(tiny_model):
     assert isinstance(bad[-1], ev.Failed) and bad[-1].code == "engine_error"
     assert isinstance(good[-1], ev.Finished)
     assert engine.stats().healthy
+
+
+def test_a_fault_while_steps_run_ahead_loses_no_token(tiny_model):
+    """A request fails mid-think while another's decode steps run ahead: the step is retried
+    item by item, and the survivor still thinks exactly what the reference thinks (its claimed
+    row recomputed, its generator rewound)."""
+    engine = Engine(tiny_model, EngineConfig(decode_graphs="static"))
+    params = RecipeParams("a fox", recipe="think_t2i", temperature=1.0, **SMALL)
+    good, bad = [], []
+
+    def broken(env):
+        ctx = env.contexts.new("main")
+        yield PrefillText(ctx, [100, 101, 102])
+        for token in (103, 104, 105):
+            yield DecodeStep(ctx, token)
+        yield DecodeStep(ctx, 10**9)  # an id far outside the vocabulary: the forward raises
+
+    engine.add(Request("good", replace(params, max_think_tokens=12), good.append))
+    engine.add(Request("bad", RecipeParams("x"), bad.append, program_factory=broken))
+    engine.run_until_idle()
+    assert isinstance(bad[-1], ev.Failed) and bad[-1].code == "engine_error"
+    assert engine.runner.ahead.used > 0
+    reference = run(tiny_model, replace(params, max_think_tokens=12))
+    assert [t["text"] for t in good[-1].texts] == [t.text for t in reference.texts]
+    engine.clear_prefix_cache()
+    assert engine.pool.num_used == 0
 
 
 def test_model_fault_fails_requests_and_marks_the_engine_unhealthy(tiny_model, monkeypatch):
@@ -211,15 +250,17 @@ def test_model_fault_fails_requests_and_marks_the_engine_unhealthy(tiny_model, m
     assert engine.pool.num_used == 0
 
 
-def test_tiny_kv_pool_waits_or_preempts_and_still_matches(tiny_model):
+@pytest.mark.parametrize("decode_graphs", ["off", "static"])
+def test_tiny_kv_pool_waits_or_preempts_and_still_matches(tiny_model, decode_graphs):
     params = [
         RecipeParams(f"prompt {i}", recipe="think_t2i", seed=i, temperature=1.0, **SMALL)
         for i in range(4)
     ]
     # Room for about two requests at a time: the others wait or are preempted and recomputed.
-    engine, events, _ = run_engine(
-        tiny_model, params, EngineConfig(kv_tokens=256, block_size=16, prefix_cache_entries=0)
+    config = EngineConfig(
+        kv_tokens=256, block_size=16, prefix_cache_entries=0, decode_graphs=decode_graphs
     )
+    engine, events, _ = run_engine(tiny_model, params, config)
     for i, p in enumerate(params):
         final = events[i][-1]
         assert isinstance(final, ev.Finished), final

@@ -86,13 +86,15 @@ def decode(
     for step in range(max_length):
         position = contexts.rope(work)
         # The published loop samples on every step, the last included: keep the RNG stream equal.
-        out = yield DecodeStep(work, ids[-1], temperature, generator)
+        item = DecodeStep(
+            work, ids[-1], temperature, generator, tok.im_end, last=step == max_length - 1
+        )
+        out = yield item
         if on_token is not None:
             on_token(ids[-1], position, out.logits)
-        nxt = out.token
-        if step == max_length - 1 or nxt == tok.im_end:
+        if not item.continues(out.token):
             break
-        ids.append(nxt)
+        ids.append(out.token)
     return ids, work
 
 

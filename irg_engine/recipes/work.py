@@ -68,7 +68,11 @@ class PrefillVit:
 class DecodeStep:
     """Feed one token at the context's next position; the result is a `Decoded`: the logits
     and the next token, drawn by the executor (`sampler.py`) at this temperature with this
-    generator (greedy at 0), so that an executor can sample all of a step's rows at once."""
+    generator (greedy at 0), so that an executor can sample all of a step's rows at once.
+
+    `stop_token` and `last` state the program's stopping rule (it feeds the drawn token next
+    unless it is `stop_token` or this step is the `last`), so that an executor can start the
+    next step before the program has seen this one's result (`Runner`'s decode-ahead)."""
 
     kind: ClassVar[str] = "decode"
 
@@ -76,6 +80,12 @@ class DecodeStep:
     token: int
     temperature: float = 0.0
     generator: torch.Generator | None = None
+    stop_token: int | None = None
+    last: bool = False
+
+    def continues(self, drawn: int) -> bool:
+        """Whether the program will feed `drawn` as its next DecodeStep."""
+        return not self.last and drawn != self.stop_token
 
     @property
     def tokens(self) -> int:
