@@ -94,8 +94,10 @@ class KVSequence:
         self.blocks, self.length, self.rope = blocks, length, rope
 
     def fork(self, pool: BlockPool, name: str) -> KVSequence:
-        pool.retain(self.blocks)
-        return KVSequence(name, list(self.blocks), self.length, self.rope)
+        # Only the blocks the length covers: a held-back slot stays this sequence's alone.
+        shared = self.blocks[: -(-self.length // pool.block_size)]
+        pool.retain(shared)
+        return KVSequence(name, shared, self.length, self.rope)
 
     def blocks_needed(self, pool: BlockPool, n: int) -> int:
         """Blocks an append of n tokens would take from the pool (copy-on-write included)."""

@@ -92,3 +92,21 @@ def test_random_forks_and_frees_never_leak():
     for seq in live:
         seq.free(pool)
     assert pool.num_free == pool.num_blocks and not any(pool.refs)
+
+
+def test_held_back_slots_are_reused_trimmed_and_never_shared_by_a_fork():
+    pool = BlockPool(8, 4)
+    seq = KVSequence("a")
+    seq.append(pool, 4)
+    (slot,) = seq.append(pool, 1).slots  # starts a second block
+    seq.hold_back(1)
+    assert seq.length == 4 and len(seq.blocks) == 2
+    fork = seq.fork(pool, "f")
+    assert fork.blocks == seq.blocks[:1]  # the held block is not shared
+    assert seq.append(pool, 1).slots == [slot]  # the next append lands on the held slot
+    seq.hold_back(1)
+    seq.trim(pool)
+    assert len(seq.blocks) == 1 and pool.num_used == 1
+    fork.free(pool)
+    seq.free(pool)
+    assert pool.num_used == 0
