@@ -29,18 +29,16 @@ from irg_engine.config import EngineConfig, EngineStats
 from irg_engine.image_work import ImageWork
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.prefix_cache import PrefixCache
-from irg_engine.recipes import program as recipe_program
 from irg_engine.recipes.work import (
     LM_WORK,
     DecodeLatents,
     DecodeStep,
     EncodeLatent,
-    Env,
     PrefillText,
     ReadKV,
     Velocity,
 )
-from irg_engine.request import Request, RequestContexts, RequestObserver
+from irg_engine.request import Request
 from irg_engine.runner import Runner, Scheduled, auto_kv_tokens
 from irg_engine.scheduler import Pending, Scheduler
 
@@ -239,32 +237,12 @@ class Engine:
                 self._start(req)
 
     def _start(self, req: Request) -> None:
-        if not req.started:
-            req.started = True
-            req.timings["queue"] = time.monotonic() - req.submitted
-            req.emit(ev.Started(req.timings["queue"]))
-        req.contexts = RequestContexts(self.pool)
-        env = Env(
-            self.model.tokenizer,
-            self.model.cfg,
-            req.contexts,
-            RequestObserver(req, self.model.tokenizer, req.observer),
-        )
-        if req.program_factory is not None:
-            req.program = req.program_factory(env)
-        else:
-            req.program = recipe_program(req.params, env)
-        self._send(req, None, first=True)
+        req.start(self.model, self.pool)
+        self._send(req, None)
 
-    def _send(self, req: Request, result, first: bool = False) -> None:
-        try:
-            req.pending = next(req.program) if first else req.program.send(result)
-        except StopIteration as stop:
-            req.result = stop.value
-            self._finish(req, req.summary())
-        except Exception as error:  # a bug or bad input ends this request only
-            log.exception("request %s failed", req.id)
-            self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
+    def _send(self, req: Request, result) -> None:
+        if (end := req.advance(result)) is not None:
+            self._finish(req, end)
 
     def _advance_inline(self, req: Request) -> None:
         """Advance the program past work that needs no shared forward.
@@ -285,7 +263,6 @@ class Engine:
                         req.id, req.program, self.runner.decode_latents, item.x, item.grid
                     )
             return
-        item = req.pending
         if isinstance(item, PrefillText) and item.shared and item.ctx.length == 0:
             key = tuple(item.ids)
             if not self.prefix_cache.adopt(key, item.ctx):

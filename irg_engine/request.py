@@ -1,25 +1,33 @@
 """One request's state across its stages, inside the engine.
 
-A `Request` owns: its parameters, its recipe program (a generator, see `recipes/work.py`) and the
-item the program waits on, every KV sequence it created (`RequestContexts`, freed together when
-the request ends, whatever the reason), its events (through `emit`), its counters and timings.
-`RequestObserver` turns the program's hook calls into the events of `events.py`.
+A `Request` owns: its parameters, its recipe program (a generator, see `recipes/work.py`:
+`start` builds it, `advance` feeds it results) and the item the program waits on, every KV
+sequence it created (`RequestContexts`, freed together when the request ends, whatever the
+reason), its events (through `emit`), its counters and timings. `RequestObserver` turns the
+program's hook calls into the events of `events.py`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from irg_engine import events as ev
 from irg_engine.block_pool import BlockPool, KVSequence
+from irg_engine.recipes import program as recipe_program
 from irg_engine.recipes.params import ImageOut, Observer, RecipeParams, TextOut
-from irg_engine.recipes.work import Program
+from irg_engine.recipes.work import Env, Program
 from irg_engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from irg_engine.model.bagel import LoadedModel
+
+log = logging.getLogger("irg_engine")
 
 
 class RequestContexts:
@@ -149,6 +157,31 @@ class Request:
                 return
             self.program_events += 1
         self._emit(event)
+
+    def start(self, model: LoadedModel, pool: BlockPool) -> None:
+        """(Re)start the program on fresh contexts: the recipe's, or the caller's factory's."""
+        if not self.started:
+            self.started = True
+            self.timings["queue"] = time.monotonic() - self.submitted
+            self.emit(ev.Started(self.timings["queue"]))
+        self.contexts = RequestContexts(pool)
+        observer = RequestObserver(self, model.tokenizer, self.observer)
+        env = Env(model.tokenizer, model.cfg, self.contexts, observer)
+        factory = self.program_factory or (lambda env: recipe_program(self.params, env))
+        self.program = factory(env)
+
+    def advance(self, result: Any) -> ev.Event | None:
+        """Send `result` into the program (None for its first item); `pending` is then what it
+        waits on. Returns the final event when the program ended (its value, or its error)."""
+        try:
+            self.pending = self.program.send(result)
+        except StopIteration as stop:
+            self.result = stop.value
+            return self.summary()
+        except Exception as error:  # a bug or bad input ends this request only
+            log.exception("request %s failed", self.id)
+            return ev.Failed("engine_error", f"{type(error).__name__}: {error}")
+        return None
 
     def reset_for_recompute(self) -> None:
         """After a preemption: the program restarts from scratch (same seed, same outputs)."""
