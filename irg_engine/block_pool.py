@@ -127,6 +127,15 @@ class KVSequence:
         out.slots = self.slots(pool, start, self.length)
         return out
 
+    def next_slot(self, pool: BlockPool) -> int | None:
+        """The slot an append of one token would take, where it needs no new block and no
+        copy of a shared one (a held-back slot, or room in an unshared last block); else None."""
+        bs = pool.block_size
+        i, offset = divmod(self.length, bs)
+        if i >= len(self.blocks) or (offset and pool.refs[self.blocks[i]] > 1):
+            return None
+        return self.blocks[i] * bs + offset
+
     def hold_back(self, n: int) -> None:
         """Uncount the last n tokens but keep their slots: the next append of up to n tokens
         lands on them again. `trim` gives their blocks back if that append never comes."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from irg_engine.block_pool import KVSequence, OutOfBlocks
+from irg_engine.block_pool import BlockPool, KVSequence, OutOfBlocks
 from irg_engine.recipes.work import Decoded, DecodeStep
 from irg_engine.sampler import draw_rows
 
@@ -46,7 +46,8 @@ class AheadRow:
     slot: int
     generator_state: torch.Tensor | None  # before this row's draw (None: greedy, no draw)
 
-    def foresaw(self, item: DecodeStep) -> bool:
+    def foresaw(self, item: DecodeStep, pool: BlockPool) -> bool:
+        """`item` is the step this row ran, and its token still goes to the held slot."""
         return (
             item.ctx is self.seq
             and item.token == self.token
@@ -54,6 +55,7 @@ class AheadRow:
             and item.generator is self.generator
             and not self.seq.freed
             and self.seq.length == self.length
+            and self.seq.next_slot(pool) == self.slot
         )
 
 
@@ -81,24 +83,22 @@ class DecodeAhead:
         # Waits for the launch: after it, the host blocks it copied from may be written again.
         tokens = ahead.tokens.tolist()
         index = {id(row.seq): i for i, row in enumerate(ahead.rows)}
-        used = set()
+        pool = self.runner.pool
+        matched = {}
         for sch in decodes:
             i = index.get(id(sch.item.ctx))
-            if i is None or not ahead.rows[i].foresaw(sch.item):
-                continue
-            row, seq = ahead.rows[i], sch.item.ctx
-            # Counted now: the append lands on the held slot.
-            if self.runner.reserve(seq, 1) != [row.slot]:
-                raise RuntimeError(f"decode-ahead slot of {seq.name} moved")
-            seq.rope += 1
-            sch.result = Decoded(tokens[i], ahead.logits[i])
-            used.add(i)
-            self.claimed.append(row)
+            if i is not None and ahead.rows[i].foresaw(sch.item, pool):
+                matched[i] = sch
         for i, row in enumerate(ahead.rows):
-            if i not in used:
+            if i not in matched:
                 self._roll_back(row)
-        self.used += len(used)
-        self.rolled_back += len(ahead.rows) - len(used)
+        for i, sch in matched.items():
+            self.runner.reserve(sch.item.ctx, 1)  # counted now: lands on the held slot
+            sch.item.ctx.rope += 1
+            sch.result = Decoded(tokens[i], ahead.logits[i])
+            self.claimed.append(ahead.rows[i])
+        self.used += len(matched)
+        self.rolled_back += len(ahead.rows) - len(matched)
 
     def step_failed(self) -> None:
         """The step that claimed rows raised: the engine puts the contexts back and runs the

@@ -110,3 +110,19 @@ def test_held_back_slots_are_reused_trimmed_and_never_shared_by_a_fork():
     fork.free(pool)
     seq.free(pool)
     assert pool.num_used == 0
+
+
+def test_next_slot_is_known_only_where_no_block_must_be_taken_or_copied():
+    pool = BlockPool(8, 4)
+    seq = KVSequence("a")
+    assert seq.next_slot(pool) is None  # no block yet
+    seq.append(pool, 2)
+    assert seq.next_slot(pool) == seq.blocks[0] * 4 + 2
+    fork = seq.fork(pool, "f")
+    assert seq.next_slot(pool) is None  # the shared last block would be copied first
+    fork.free(pool)
+    seq.append(pool, 2)
+    assert seq.next_slot(pool) is None  # full: a new block
+    (slot,) = seq.append(pool, 1).slots
+    seq.hold_back(1)
+    assert seq.next_slot(pool) == slot  # the held-back slot
