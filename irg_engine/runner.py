@@ -11,7 +11,10 @@ block * block_size + offset, as `block_pool.py` hands them out). For each step i
    cache and gathers each segment's context by slot;
 3. hands each item its result: for the decode rows their logits and next tokens, all sampled
    in one call on the device (`sampler.py`), for a denoising step its velocities.
-VAE encodes/decodes and the ViT encoder run per item, outside the shared forward.
+With decode graphs the decode rows run through `DecodeGraphs` instead, and the step ends by
+launching the next decode step ahead for the requests that will surely take it
+(`decode_ahead.py`). VAE encodes/decodes and the ViT encoder run per item, outside the shared
+forward.
 """
 
 from __future__ import annotations
