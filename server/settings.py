@@ -52,6 +52,14 @@ class Settings:
             "decode-only steps as CUDA graphs (auto: on CUDA; off: never)", choices=("auto", "off")
         ),
     )
+    decode_ahead: str = field(
+        default="on",
+        metadata=_opt(
+            "with decode graphs, launch each request's next decode step before its program "
+            "sees this step's token (on: the GPU computes while the host streams; off)",
+            choices=("on", "off"),
+        ),
+    )
     cpu_threads: int = field(
         default=0,
         metadata=_opt(
@@ -154,6 +162,8 @@ class Settings:
             )
         if self.decode_graphs not in ("auto", "off"):
             raise ValueError(f"decode_graphs must be auto or off, got {self.decode_graphs!r}")
+        if self.decode_ahead not in ("on", "off"):
+            raise ValueError(f"decode_ahead must be on or off, got {self.decode_ahead!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.api_key == "":

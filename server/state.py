@@ -57,6 +57,7 @@ def make_engine(model: LoadedModel, settings: Settings):
         "max_running": settings.max_running,
         "max_waiting": settings.max_queued + settings.max_running,
         "decode_graphs": settings.decode_graphs,
+        "decode_ahead": settings.decode_ahead == "on",
         "cpu_threads": settings.cpu_threads,
     }
     if settings.attention_backend != "auto":

@@ -25,6 +25,7 @@ def test_every_flag_has_an_env_variable():
         "IRG_DTYPE": "bfloat16",
         "IRG_ATTENTION_BACKEND": "sdpa",
         "IRG_DECODE_GRAPHS": "off",
+        "IRG_DECODE_AHEAD": "off",
         "IRG_CPU_THREADS": "2",
         "IRG_MAX_RUNNING": "3",
         "IRG_MAX_QUEUED": "5",
@@ -48,7 +49,7 @@ def test_every_flag_has_an_env_variable():
     assert s.model == Path("/weights") and s.port == 9000 and s.request_timeout == 12.5
     assert (s.max_running, s.max_queued, s.max_in_flight) == (3, 5, 8)
     assert (s.api_key, s.dtype, s.log_level, s.device) == ("k", "bfloat16", "debug", "cuda:1")
-    assert (s.decode_graphs, s.cpu_threads) == ("off", 2)
+    assert (s.decode_graphs, s.decode_ahead, s.cpu_threads) == ("off", "off", 2)
     caps = (s.max_image_side, s.max_timesteps, s.max_refine_rounds, s.max_partial_images)
     assert caps == (512, 25, 0, 2)
     help_text = build_parser().format_help()
