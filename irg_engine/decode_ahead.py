@@ -118,13 +118,11 @@ class DecodeAhead:
         try:
             for sch in going:
                 item, seq = sch.item, sch.item.ctx
-                gen = item.generator if item.temperature > 0 else None
                 length = seq.length
                 slot = runner.reserve(seq, 1)[0]
-                state = gen.get_state() if gen is not None else None
                 rows.append(
                     AheadRow(
-                        seq, sch.result.token, item.temperature, item.generator, length, slot, state
+                        seq, sch.result.token, item.temperature, item.generator, length, slot, None
                     )
                 )
             logits = runner.graphs.run(
@@ -134,6 +132,10 @@ class DecodeAhead:
                 [r.seq for r in rows],
                 runner.pool.block_size,
             )
+            # Saved while the GPU runs the graph, before the draw: only sampled rows draw.
+            for row in rows:
+                if row.temperature > 0 and row.generator is not None:
+                    row.generator_state = row.generator.get_state()
             tokens = draw_rows(logits, [r.temperature for r in rows], [r.generator for r in rows])
         except OutOfBlocks:  # no room to run ahead: the next step runs as usual
             self._undo(rows)
