@@ -17,6 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold `tokens` tokens."""
+    return -(-tokens // block_size)
+
+
 class OutOfBlocks(Exception):
     """The pool cannot satisfy a request right now (callers wait or preempt)."""
 
@@ -95,7 +100,7 @@ class KVSequence:
 
     def fork(self, pool: BlockPool, name: str) -> KVSequence:
         # Only the blocks the length covers: a held-back slot stays this sequence's alone.
-        shared = self.blocks[: -(-self.length // pool.block_size)]
+        shared = self.blocks[: blocks_for(self.length, pool.block_size)]
         pool.retain(shared)
         return KVSequence(name, shared, self.length, self.rope)
 
@@ -103,7 +108,7 @@ class KVSequence:
         """Blocks an append of n tokens would take from the pool (copy-on-write included)."""
         bs = pool.block_size
         used_in_last = self.length % bs
-        needed = -(-(self.length + n) // bs) - len(self.blocks)
+        needed = blocks_for(self.length + n, bs) - len(self.blocks)
         if used_in_last and pool.refs[self.blocks[-1]] > 1:
             needed += 1
         return needed
@@ -120,7 +125,7 @@ class KVSequence:
             out.copies.append((self.blocks[-1], fresh))
             pool.release([self.blocks[-1]])
             self.blocks[-1] = fresh
-        grow = -(-(self.length + n) // bs) - len(self.blocks)
+        grow = blocks_for(self.length + n, bs) - len(self.blocks)
         self.blocks.extend(pool.allocate(grow))
         start = self.length
         self.length += n
@@ -145,7 +150,7 @@ class KVSequence:
 
     def trim(self, pool: BlockPool) -> None:
         """Release the blocks past those the length covers (held-back slots never used)."""
-        keep = -(-self.length // pool.block_size)
+        keep = blocks_for(self.length, pool.block_size)
         if not self.freed and len(self.blocks) > keep:
             pool.release(self.blocks[keep:])
             del self.blocks[keep:]

@@ -110,9 +110,11 @@ class DecodeAhead:
 
     def launch(self, decoded: list[Scheduled]) -> None:
         """After a step: start the next one for the rows whose programs will feed their token."""
+        if not self.enabled:
+            return
         runner = self.runner
         going = [s for s in decoded if s.item.continues(s.result.token)]
-        if not self.enabled or not going or not runner.graphs.accepts(len(going)):
+        if not going or not runner.graphs.accepts(len(going)):
             return
         rows: list[AheadRow] = []
         try:

@@ -22,7 +22,7 @@ import torch
 
 from irg_engine.attention import segment_attention
 from irg_engine.attention.decode import decode_attention
-from irg_engine.block_pool import KVSequence
+from irg_engine.block_pool import KVSequence, blocks_for
 
 if TYPE_CHECKING:
     from irg_engine.runner import Runner
@@ -34,7 +34,7 @@ def slot_index(
     """Host `[B, width]` slots of each sequence's first `lengths[i]` tokens, padded with `fill`,
     and the `[B, width]` mask of the real entries (`width` 0: the longest length)."""
     width = width or max(lengths)
-    blocks = max(-(-width // block_size), max(len(t) for t in tables))
+    blocks = max(blocks_for(width, block_size), max(len(t) for t in tables))
     # The table through a flat int64 array: torch.tensor of nested lists is slower (32 rows of
     # 128 blocks: 0.39 ms against 0.25).
     flat = array("q")
