@@ -209,26 +209,52 @@ class DecoderLayer(nn.Module):
         plan: AttentionPlan,
         index: int,
     ) -> torch.Tensor:
-        cfg = self.cfg
-        heads = cfg.num_heads
-        if routes.gen_from is not None:
-            return self._split(x, rope, routes, plan, index)
-        if routes.everything is not None:  # one expert owns every row: no gather/scatter
-            expert = self.experts[routes.everything]
-            q, k, v = expert.qkv(x, heads, cfg.num_kv_heads)
-        else:
-            q, k, v = self._empty_qkv(x)
-            for e, rows in routes.groups():
-                qe, ke, ve = self.experts[e].qkv(gather(x, rows), heads, cfg.num_kv_heads)
-                q, k, v = scatter(q, rows, qe), scatter(k, rows, ke), scatter(v, rows, ve)
-        q, k = rope_qk(q, k, *rope)
+        q, k, v = self._project(x, rope, routes)
         attn = plan.attend(index, q, k, v).flatten(1)
+        return self._finish(x, attn, routes)
+
+    def _project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], routes: ExpertRoutes
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row's q/k/v by its own expert, with RoPE applied to q and k."""
+        cfg = self.cfg
+        heads = (cfg.num_heads, cfg.num_kv_heads)
+        if routes.everything is not None:  # one expert owns every row: no gather/scatter
+            q, k, v = self.experts[routes.everything].qkv(x, *heads)
+            return *rope_qk(q, k, *rope), v
+        q, k, v = self._empty_qkv(x)
+        if routes.gen_from is None:
+            for e, rows in routes.groups():
+                qe, ke, ve = self.experts[e].qkv(gather(x, rows), *heads)
+                q, k, v = scatter(q, rows, qe), scatter(k, rows, ke), scatter(v, rows, ve)
+            return *rope_qk(q, k, *rope), v
+        # The generation expert's slice is written in place; the understanding rows overwrite
+        # their places among it (see ExpertRoutes).
+        start, und, (cos, sin) = routes.gen_from, routes.und, rope
+        qg, kg, vg = self.experts[GEN].qkv(x[start:], *heads)
+        rope_qk(qg, kg, cos[start:], sin[start:], out=(q[start:], k[start:]))
+        v[start:] = vg
+        qu, ku, vu = self.experts[UND].qkv(x.index_select(0, und), *heads)
+        qu, ku = rope_qk(qu, ku, cos.index_select(0, und), sin.index_select(0, und))
+        q.index_copy_(0, und, qu)
+        k.index_copy_(0, und, ku)
+        v.index_copy_(0, und, vu)
+        return q, k, v
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor, routes: ExpertRoutes) -> torch.Tensor:
+        """Every row's output projection and MLP by its own expert."""
         if routes.everything is not None:
-            return expert.finish(x, attn)
+            return self.experts[routes.everything].finish(x, attn)
         out = torch.empty_like(x)
-        for e, rows in routes.groups():
-            out = scatter(out, rows, self.experts[e].finish(gather(x, rows), gather(attn, rows)))
-        return out
+        if routes.gen_from is None:
+            for e, rows in routes.groups():
+                rows_out = self.experts[e].finish(gather(x, rows), gather(attn, rows))
+                out = scatter(out, rows, rows_out)
+            return out
+        start, und = routes.gen_from, routes.und
+        self.experts[GEN].finish(x[start:], attn[start:], out=out[start:])
+        und_rows = self.experts[UND].finish(x.index_select(0, und), attn.index_select(0, und))
+        return out.index_copy_(0, und, und_rows)
 
     def _empty_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Step-wide q/k/v that each expert's rows are written into."""
@@ -238,34 +264,6 @@ class DecoderLayer(nn.Module):
             x.new_empty(n, cfg.num_kv_heads, cfg.head_dim),
             x.new_empty(n, cfg.num_kv_heads, cfg.head_dim),
         )
-
-    def _split(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        routes: ExpertRoutes,
-        plan: AttentionPlan,
-        index: int,
-    ) -> torch.Tensor:
-        """The layer with the generation expert on the slice `gen_from:` (see ExpertRoutes)."""
-        cfg, start, und = self.cfg, routes.gen_from, routes.und
-        gen_expert, und_expert = self.experts[GEN], self.experts[UND]
-        q, k, v = self._empty_qkv(x)
-        cos, sin = rope
-        qg, kg, vg = gen_expert.qkv(x[start:], cfg.num_heads, cfg.num_kv_heads)
-        rope_qk(qg, kg, cos[start:], sin[start:], out=(q[start:], k[start:]))
-        v[start:] = vg
-        x_und = x.index_select(0, und)
-        qu, ku, vu = und_expert.qkv(x_und, cfg.num_heads, cfg.num_kv_heads)
-        qu, ku = rope_qk(qu, ku, cos.index_select(0, und), sin.index_select(0, und))
-        q.index_copy_(0, und, qu)
-        k.index_copy_(0, und, ku)
-        v.index_copy_(0, und, vu)
-        attn = plan.attend(index, q, k, v).flatten(1)
-        out = torch.empty_like(x)
-        gen_expert.finish(x[start:], attn[start:], out=out[start:])
-        und_rows = und_expert.finish(x_und, attn.index_select(0, und))
-        return out.index_copy_(0, und, und_rows)
 
 
 class LanguageModel(nn.Module):
