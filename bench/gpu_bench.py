@@ -6,9 +6,13 @@
 Nothing is downloaded: the model is built at full size on the device with random weights (the
 real Qwen2.5 tokenizer is built offline). It measures, next to the floors of DESIGN.md section 7:
 - one denoising pass at 1024x1024 (4096 latent tokens against a 512-token context): time and
-  TFLOP/s (matmul + attention FLOPs of the generation expert);
+  TFLOP/s (matmul + attention FLOPs of the generation expert); the same pass against image 2's
+  long context (`--long-context`);
 - decode steps at 1, 8 and 32 requests over ~600-token contexts: time per step, tokens/s;
-- one IRG request alone (per-stage times) and throughput of `--concurrent` IRG requests.
+- one IRG request alone (per-stage times) and throughput of `--concurrent` IRG requests, against
+  the request's denoising passes (counted from the recipe's guidance; `gpu_probes.irg_passes`):
+  at DESIGN.md's floor per pass for the request alone, and at the measured passes, each at its
+  context's length, for the denoise-bound ceiling.
 Timesteps and think lengths are flags so that the whole script fits in one short device call.
 """
 
@@ -21,7 +25,7 @@ import time
 import traceback
 
 import torch
-from gpu_probes import StageClock, tally_steps, timed, write_profile
+from gpu_probes import StageClock, irg_passes, tally_steps, timed, write_profile
 
 from irg_engine import events
 from irg_engine.config import BagelConfig, EngineConfig, LMConfig, ViTConfig
@@ -95,28 +99,42 @@ def denoise_flops(cfg: BagelConfig, queries: int, context: int) -> float:
 
 
 def bench_denoise(
-    model: LoadedModel, engine: Engine, size: int, repeat: int, profile: str | None = None
+    model: LoadedModel,
+    engine: Engine,
+    size: int,
+    repeat: int,
+    long_context: int,
+    profile: str | None = None,
 ) -> dict:
     cfg = model.cfg
     ctx = RequestContexts(engine.pool)
-    seq = ctx.new("context")
-    engine.runner.step([Scheduled(PrefillText(seq, list(range(100, 612))), 512)])
+    short, long = ctx.new("context"), ctx.new("long")
+    engine.runner.step([Scheduled(PrefillText(short, list(range(100, 612))), 512)])
+    ids = [100 + i % 50000 for i in range(long_context)]
+    engine.runner.step([Scheduled(PrefillText(long, ids), long_context)])
     grid = (size // 16, size // 16)
     x = torch.randn(grid[0] * grid[1], cfg.latent_token_dim)
-    one = lambda: engine.runner.step([Scheduled(Velocity([seq], x, 0.5, grid), 1)])  # noqa: E731
-    seconds = timed(one, model.bagel.device, repeat)
-    write_profile(one, model.bagel.device, profile)
-    three = timed(
-        lambda: engine.runner.step([Scheduled(Velocity([seq, seq, seq], x, 0.5, grid), 1)]),
+
+    def passes(*seqs) -> float:
+        item = Velocity(list(seqs), x, 0.5, grid)
+        return timed(lambda: engine.runner.step([Scheduled(item, 1)]), model.bagel.device, repeat)
+
+    seconds = passes(short)
+    write_profile(
+        lambda: engine.runner.step([Scheduled(Velocity([short], x, 0.5, grid), 1)]),
         model.bagel.device,
-        repeat,
+        profile,
     )
+    three = passes(short, short, short)
+    long_seconds = passes(long)
     ctx.free_all()
     flops = denoise_flops(cfg, grid[0] * grid[1] + 2, 512)
     return {
         "denoise_ms": seconds * 1e3,
         "denoise_tflops": flops / seconds / 1e12,
         "denoise_3_branches_ms": three * 1e3,
+        "denoise_long_context": long_context,
+        "denoise_long_ms": long_seconds * 1e3,
     }
 
 
@@ -228,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--timesteps", type=int, default=50)
     p.add_argument("--think-tokens", type=int, default=256)
+    p.add_argument(
+        "--long-context",
+        type=int,
+        default=9000,
+        help="context of the second timed denoise pass: image 2's main context at 1024 px "
+        "(text, image 1's VAE and ViT blocks; DESIGN.md 7)",
+    )
     p.add_argument("--concurrent", type=int, default=16)
     p.add_argument(
         "--concurrent-timesteps",
@@ -271,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     def profile(name: str) -> str | None:
         return f"{args.profile}/profile_{name}.txt" if args.profile else None
 
-    steps = [("denoise", lambda: bench_denoise(model, engine, args.size, 3, profile("denoise")))]
+    steps = [
+        (
+            "denoise",
+            lambda: bench_denoise(
+                model, engine, args.size, 3, args.long_context, profile("denoise")
+            ),
+        )
+    ]
     for b, graphs in ((1, True), (8, True), (32, True), (1, False), (32, False)):
         name = f"decode_{b}" if graphs else f"decode_eager_{b}"
         steps.append(
@@ -291,11 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the request runs size their KV pool from free memory
 
+    def denoise_seconds(timesteps: int) -> tuple[float, float | None]:
+        """One IRG request's denoising: at DESIGN.md's floor per pass, and at the passes
+        measured above (each at the length of context it attends to), if they ran."""
+        n = irg_passes(RecipeParams("", num_timesteps=timesteps))
+        floor = (n["short_context"] + n["long_context"]) * FLOORS["denoise_1024_ms"] / 1e3
+        if "denoise_long_ms" not in result:
+            return floor, None
+        ms = n["short_context"] * result["denoise_ms"]
+        return floor, (ms + n["long_context"] * result["denoise_long_ms"]) / 1e3
+
     def alone() -> None:
         result["irg_alone"] = bench_irg(model, config, 1, args)
-        passes = 5 * (args.timesteps - 1)  # upper bound: 2 branches for image 1, 3 for image 2
-        floor = passes * FLOORS["denoise_1024_ms"] / 1e3
+        floor, measured = denoise_seconds(args.timesteps)
         result["irg_alone_vs_denoise_floor"] = result["irg_alone"]["seconds"] / floor
+        if measured:
+            result["irg_alone_vs_measured_passes"] = result["irg_alone"]["seconds"] / measured
 
     def concurrent() -> None:
         short = argparse.Namespace(
@@ -304,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             think_tokens=args.concurrent_think_tokens,
         )
         result["irg_concurrent"] = bench_irg(model, config, args.concurrent, short)
-        if "denoise_ms" in result:
-            ceiling = 1.0 / (5 * (args.concurrent_timesteps - 1) * result["denoise_ms"] / 1e3)
+        _, measured = denoise_seconds(args.concurrent_timesteps)
+        if measured:  # the ceiling: nothing but each request's denoising passes, back to back
             rate = result["irg_concurrent"]["requests_per_s"]
-            result["irg_concurrent_vs_denoise_ceiling"] = rate / ceiling
+            result["irg_concurrent_vs_denoise_ceiling"] = rate * measured
 
     if "irg" in args.phases:
         run_phase(result, "irg_alone", alone, args.out)

@@ -1,5 +1,6 @@
 """The full-size benchmark's instruments: timing with device syncs, profiler tables, per-stage
-clocks of a request and a tally of the runner's steps by kind (`bench/gpu_bench.py` uses them)."""
+clocks of a request, a tally of the runner's steps by kind and the count of an IRG request's
+denoising passes (`bench/gpu_bench.py` uses them)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import time
 
 import torch
 
+from irg_engine import flow
 from irg_engine.engine import Engine
-from irg_engine.recipes.params import Observer
+from irg_engine.recipes.params import FIRST_IMAGE, REFINE_IMAGE, Observer, RecipeParams
 from irg_engine.recipes.work import DecodeStep, Velocity
 from irg_engine.runner import Scheduled
 
@@ -77,3 +79,21 @@ def tally_steps(engine: Engine) -> dict:
 
     engine.runner.step = timed_step
     return tally
+
+
+def irg_passes(params: RecipeParams) -> dict[str, int]:
+    """Denoising passes of one IRG request with one refine round, by the length of the context
+    they attend to. Image 1's branches all have short contexts (text); image 2's conditional
+    and text-free branches hold image 1's VAE and ViT blocks (long), its image-free one not."""
+    short = long = 0
+    for kind in (FIRST_IMAGE, REFINE_IMAGE):
+        settings = params.image_settings(params.guidance(**kind))
+        ts, _ = flow.schedule(settings.num_timesteps, settings.timestep_shift)
+        for t in ts:
+            text, img = flow.guidance_active(float(t), settings.guidance)
+            if kind is FIRST_IMAGE:
+                short += 1 + text + img
+            else:
+                long += 1 + text
+                short += img
+    return {"short_context": short, "long_context": long}
