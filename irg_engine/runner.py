@@ -93,6 +93,8 @@ class Runner:
             capture = cuda and decode_graphs == "auto"
             self.graphs = DecodeGraphs(model, self.keys, self.values, slots, max_batch, capture)
         self.ahead = DecodeAhead(self, decode_ahead and self.graphs is not None)
+        # Generators drawn from in the current step, with their states before the draw.
+        self._drawn: list[tuple[torch.Generator, torch.Tensor]] = []
 
     # -- work outside the shared forward ------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +151,7 @@ class Runner:
             positions.append(seq.rope)
             seq.rope += 1
         seqs = [sch.item.ctx for sch in batch]
-        _decoded(batch, self.graphs.run(ids, positions, writes, seqs, self.pool.block_size))
+        self._decoded(batch, self.graphs.run(ids, positions, writes, seqs, self.pool.block_size))
 
     @torch.no_grad()
     def step(self, batch: list[Scheduled]) -> None:
@@ -157,15 +159,15 @@ class Runner:
 
         With decode graphs, the decode tokens run through them (replayed, not launched kernel by
         kernel) and everything else in one packed forward; otherwise all of it is one forward.
-        A graphed step ends by running the next decode step ahead (`decode_ahead.py`).
+        A graphed step ends by running the next decode step ahead (`decode_ahead.py`). A step
+        that raises leaves every generator it drew from as it found it, since the engine runs
+        the items again (see `Engine._run_batch`).
         """
-        for sch in batch:  # a retried item (see Engine._run_batch) starts afresh
+        for sch in batch:  # a retried item starts afresh
             sch.result = None
-        if self.graphs is None:
-            self._packed(batch)
-            return
+        self._drawn = []
         decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
-        graphed = bool(decodes) and self.graphs.accepts(len(decodes))
+        graphed = self.graphs is not None and bool(decodes) and self.graphs.accepts(len(decodes))
         try:
             if graphed:
                 self._decode_only(decodes)
@@ -175,10 +177,27 @@ class Runner:
             if batch:
                 self._packed(batch)
         except Exception:
+            for generator, state in reversed(self._drawn):  # the earliest state wins
+                generator.set_state(state)
             self.ahead.step_failed()
             raise
         if graphed:
             self.ahead.launch(decodes)
+
+    def _decoded(self, batch: list[Scheduled], logits: torch.Tensor) -> None:
+        """Each decode item's result: its logits row and its next token, all rows sampled at
+        once on the logits' device (only the tokens come back to the host). The generators'
+        states before the draw are kept until the step is over."""
+        self._drawn += [
+            (s.item.generator, s.item.generator.get_state())
+            for s in batch
+            if s.item.temperature > 0 and s.item.generator is not None
+        ]
+        tokens = sample_rows(
+            logits, [s.item.temperature for s in batch], [s.item.generator for s in batch]
+        )
+        for sch, token, row in zip(batch, tokens, logits, strict=True):
+            sch.result = Decoded(token, row)
 
     def _packed(self, batch: list[Scheduled]) -> None:
         """The batch as one packed forward."""
@@ -239,21 +258,12 @@ class Runner:
         decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
         if decodes:  # one lm_head pass for every decode row: the vocabulary matrix is read once
             rows = hidden[: len(decodes)]
-            _decoded(decodes, self.head(rows) if self.head is not None else bagel.logits(rows))
+            logits = self.head(rows) if self.head is not None else bagel.logits(rows)
+            self._decoded(decodes, logits)
         for sch in batch:
             if isinstance(sch.item, Velocity):  # the latent rows, between the two markers
                 spans_ = spans[id(sch)]
                 sch.result = [bagel.velocity(hidden[a + 1 : b - 1]).cpu() for a, b in spans_]
-
-
-def _decoded(batch: list[Scheduled], logits: torch.Tensor) -> None:
-    """Each decode item's result: its logits row and its next token, all rows sampled at once
-    on the logits' device (only the tokens come back to the host)."""
-    tokens = sample_rows(
-        logits, [s.item.temperature for s in batch], [s.item.generator for s in batch]
-    )
-    for sch, token, row in zip(batch, tokens, logits, strict=True):
-        sch.result = Decoded(token, row)
 
 
 # Packed row order (see the module docstring); PagedPlan relies on written rows coming first.

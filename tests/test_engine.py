@@ -232,6 +232,34 @@ def test_a_fault_while_steps_run_ahead_loses_no_token(tiny_model):
     assert engine.pool.num_used == 0
 
 
+@pytest.mark.parametrize("decode_ahead", [False, True])
+def test_a_fault_after_the_draw_loses_no_token(tiny_model, decode_ahead):
+    """The step's decode rows are drawn, then another item of the same step raises: the retry
+    draws those rows again from the same generator states, so the survivor still thinks what
+    the reference thinks."""
+    config = EngineConfig(decode_graphs="static", decode_ahead=decode_ahead)
+    engine = Engine(tiny_model, config)
+    params = RecipeParams("a fox", recipe="think_t2i", temperature=1.0, **SMALL)
+    good, bad = [], []
+
+    def broken(env):
+        ctx = env.contexts.new("main")
+        yield PrefillText(ctx, [100, 101, 102])
+        for token in (103, 104, 105):
+            yield DecodeStep(ctx, token)
+        # Prefill goes after the graphed decode rows: the good request's row is drawn first.
+        yield PrefillText(ctx, [10**9])
+
+    engine.add(Request("good", replace(params, max_think_tokens=12), good.append))
+    engine.add(Request("bad", RecipeParams("x"), bad.append, program_factory=broken))
+    engine.run_until_idle()
+    assert isinstance(bad[-1], ev.Failed) and bad[-1].code == "engine_error"
+    reference = run(tiny_model, replace(params, max_think_tokens=12))
+    assert [t["text"] for t in good[-1].texts] == [t.text for t in reference.texts]
+    engine.clear_prefix_cache()
+    assert engine.pool.num_used == 0
+
+
 def test_model_fault_fails_requests_and_marks_the_engine_unhealthy(tiny_model, monkeypatch):
     engine = Engine(tiny_model)
 
