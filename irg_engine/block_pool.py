@@ -87,9 +87,12 @@ class KVSequence:
         end = self.length if end is None else end
         return [self.blocks[i // bs] * bs + i % bs for i in range(start, end)]
 
-    def save(self) -> tuple[list[int], int, int]:
-        """This sequence's layout, for `restore` (the engine's rollback of a failed step)."""
-        return list(self.blocks), self.length, self.rope
+    def save(self, pool: BlockPool) -> tuple[list[int], int, int]:
+        """This sequence's layout, for `restore` (the engine's rollback of a failed step).
+
+        Held-back slots are not part of it: the step may give them back (`trim`) and the pool
+        hand their block to another sequence before the step fails."""
+        return self.blocks[: blocks_for(self.length, pool.block_size)], self.length, self.rope
 
     def restore(self, pool: BlockPool, saved: tuple[list[int], int, int]) -> None:
         """Back to a saved layout: blocks taken since go back to the pool, ones let go are kept."""

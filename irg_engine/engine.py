@@ -201,7 +201,7 @@ class Engine:
     def _try(self, scheduled: list[Scheduled]) -> Exception | None:
         """Run these items; on an exception, put every sequence they wrote back as it was."""
         written = [s.item.ctx for s in scheduled if not isinstance(s.item, Velocity)]
-        saved = [(seq, seq.save()) for seq in written]
+        saved = [(seq, seq.save(self.pool)) for seq in written]
         try:
             self.runner.step(scheduled)
         except Exception as error:

@@ -112,6 +112,28 @@ def test_held_back_slots_are_reused_trimmed_and_never_shared_by_a_fork():
     assert pool.num_used == 0
 
 
+def test_a_saved_layout_leaves_out_held_back_slots():
+    """A failed step is rolled back to layouts saved before it; a held block the step gave
+    back meanwhile may already belong to another sequence."""
+    pool = BlockPool(8, 4)
+    a, b = KVSequence("a"), KVSequence("b")
+    for seq in (a, b):
+        seq.append(pool, 4)
+        seq.append(pool, 1)  # a second block, held back as a step run ahead leaves it
+        seq.hold_back(1)
+    saved = [(seq, seq.save(pool)) for seq in (a, b)]
+    for seq in (a, b):  # the step rolls both rows back...
+        seq.trim(pool)
+    a.append(pool, 1)  # ...and the blocks go out again, in swapped order
+    b.append(pool, 1)
+    for seq, layout in saved:  # then it fails
+        seq.restore(pool, layout)
+    assert [len(s.blocks) for s in (a, b)] == [1, 1] and pool.num_used == 2
+    a.free(pool)
+    b.free(pool)
+    assert pool.num_used == 0
+
+
 def test_next_slot_is_known_only_where_no_block_must_be_taken_or_copied():
     pool = BlockPool(8, 4)
     seq = KVSequence("a")

@@ -45,7 +45,7 @@ def test_index_rows_match_a_fresh_build_through_growth_forks_rollbacks_and_shift
         for seq in (a, b, c):
             seq.append(pool, 1)
         check([a, b, c])
-    saved = b.save()
+    saved = b.save(pool)
     b.append(pool, 2)
     check([a, b, c])
     b.restore(pool, saved)  # a rolled-back step: the row is rebuilt shorter

@@ -260,6 +260,36 @@ def test_a_fault_after_the_draw_loses_no_token(tiny_model, decode_ahead):
     assert engine.pool.num_used == 0
 
 
+def test_a_fault_in_a_step_that_rolls_rows_back_leaks_no_block(tiny_model):
+    """Rows run ahead are rolled back (their programs feed another token) in the step where
+    another item fails: the step's rollback must not take back the blocks given up."""
+
+    def contrary(env):
+        ctx = env.contexts.new("main")
+        yield PrefillText(ctx, list(range(100, 115)))  # 15 tokens: the second decode opens a block
+        token = 200
+        for _ in range(4):
+            drawn = yield DecodeStep(ctx, token)
+            token = drawn.token + 1  # not the token drawn: the row run ahead is rolled back
+
+    def broken(env):
+        ctx = env.contexts.new("main")
+        yield PrefillText(ctx, [5, 6])
+        yield PrefillText(ctx, [7])
+        yield PrefillText(ctx, [10**9])  # fails in the step that rolls both rows back
+
+    engine = Engine(tiny_model, EngineConfig(decode_graphs="static", block_size=16))
+    sinks = {name: [] for name in "abc"}
+    for name, program in (("a", contrary), ("b", contrary), ("c", broken)):
+        engine.add(Request(name, RecipeParams("x"), sinks[name].append, program_factory=program))
+    engine.run_until_idle()
+    assert engine.runner.ahead.rolled_back > 0
+    assert isinstance(sinks["c"][-1], ev.Failed) and sinks["c"][-1].code == "engine_error"
+    assert all(isinstance(sinks[name][-1], ev.Finished) for name in "ab")
+    engine.clear_prefix_cache()
+    assert engine.pool.num_used == 0
+
+
 def test_model_fault_fails_requests_and_marks_the_engine_unhealthy(tiny_model, monkeypatch):
     engine = Engine(tiny_model)
 
