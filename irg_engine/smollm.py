@@ -284,12 +284,13 @@ def continuation(ids: list[int], n: int):
         ctx = env.contexts.new("main")
         if len(ids) > 1:
             yield PrefillText(ctx, list(ids[:-1]))
-        step = yield DecodeStep(ctx, ids[-1])
+        # `last` marks the step whose token ends the continuation: nothing is run ahead of it.
+        step = yield DecodeStep(ctx, ids[-1], last=n == 1)
         out: list[int] = []
         while len(out) < n:
             out.append(step.token)  # temperature 0: the argmax
             if len(out) < n:
-                step = yield DecodeStep(ctx, out[-1])
+                step = yield DecodeStep(ctx, out[-1], last=len(out) == n - 1)
         return out
 
     return program
