@@ -131,6 +131,11 @@ def encode_png(pixels: np.ndarray, compress_level: int = 6) -> bytes:
     return buffer.getvalue()
 
 
+# What uploaded bytes may be decoded as. PIL would also try formats that run outside programs
+# on the data (EPS and PDF through Ghostscript) or that nobody sends as a picture.
+DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM")
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Image.Image:
     """Decode image file bytes (PNG, JPEG, WebP, ...) to PIL RGB.
 
@@ -140,7 +145,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Im
     if not data:
         raise ValueError("image data is empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ValueError(

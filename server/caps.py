@@ -81,6 +81,9 @@ def advertise(schema: dict, settings: Settings) -> dict:
             prop["maximum"] = limit
             if isinstance(prop.get("default"), int):
                 prop["default"] = min(prop["default"], limit)
+        n = properties.get("n")
+        if n is not None:  # an images request's n requests are admitted together
+            n["maximum"] = min(n["maximum"], settings.max_in_flight)
         size = properties.get("size")
         if size is not None:
             side = settings.max_image_side

@@ -9,6 +9,7 @@ a 500 without internals. Streams report errors as `error` events with the same f
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -63,7 +64,11 @@ def echo(value: Any) -> Any:
     """A JSON-safe, bounded copy of a client value for an error message."""
     if isinstance(value, str | bytes) and len(value) > MAX_ECHO_CHARS:
         return f"<{len(value)} characters>"
-    if value is None or isinstance(value, bool | int | float | str):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or Infinity: "nan", "inf"
+    if isinstance(value, str):
+        return text(value)
+    if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, list | tuple):
         return [echo(v) for v in value[:16]]
@@ -72,14 +77,19 @@ def echo(value: Any) -> Any:
     return echo(str(value))
 
 
+def text(value: str) -> str:
+    """`value` with lone surrogates (valid in a JSON string, not in UTF-8) escaped."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     code: str, message: str, param: str | None = None, value: Any = None, limit: Any = None
 ) -> dict:
     return {
         "error": {
             "code": code,
-            "message": message,
-            "param": param,
+            "message": text(message),
+            "param": None if param is None else text(param),
             "value": echo(value),
             "limit": echo(limit),
         }
@@ -131,7 +141,10 @@ async def _client_gone(_: Request, __: ClientGone) -> Response:
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return ApiError(500, "internal_error", "internal server error").response()
+    # Starlette raises the error again once this answer is out, and the server then drops the
+    # connection: the client must not send its next request on it.
+    headers = {"Connection": "close"}
+    return ApiError(500, "internal_error", "internal server error", headers=headers).response()
 
 
 def install(app: FastAPI) -> None:

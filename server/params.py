@@ -65,7 +65,7 @@ def decode_image(b64: str, settings: Settings) -> Image.Image:
         )
     try:
         # The header alone gives the size; an oversized image is refused before its pixels.
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=images.DECODE_FORMATS) as probe:
             w, h = probe.size
     except Exception as exc:
         raise invalid("image", f"cannot decode image data: {exc}", b64) from exc

@@ -161,6 +161,15 @@ def test_openai_images_json_and_stream(http):
     assert png_size(completed["b64_json"]) == (32, 32) and completed["usage"]["total_tokens"] > 0
 
 
+def test_openai_stream_without_refine_rounds_sends_every_partial_image(http):
+    # No earlier round's image stands in for a preview: all of them are previews of the one.
+    body = {"prompt": "a lighthouse", "size": "32x32", "num_timesteps": 5, "max_think_tokens": 4}
+    body |= {"seed": 1, "refine_rounds": 0, "stream": True, "partial_images": 2}
+    with http.stream("POST", "/v1/images/generations", json=body) as r:
+        sse = read_sse(r)
+    assert sse.names == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+
+
 def test_openai_errors_use_the_same_shape(http):
     r = http.post("/v1/images/generations", json={"prompt": "x", "size": "100x100"})
     assert r.status_code == 400

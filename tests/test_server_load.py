@@ -126,6 +126,27 @@ def test_keepalive_comments_while_queued(server, http):
     assert sse.names[-1] == "done"
 
 
+def test_openai_stream_keeps_alive_while_the_engine_works(http):
+    """Denoising sends the engine's progress events, which have no OpenAI frame: keep-alives
+    still go out (every 0.2 s here), so idle timeouts on the way do not cut the stream."""
+    body = {"prompt": "a long one", "size": "64x64", "num_timesteps": 200, "max_think_tokens": 4}
+    body |= {"refine_rounds": 0, "stream": True}
+    with http.stream("POST", "/v1/images/generations", json=body) as r:
+        sse = read_sse(r)
+    assert sse.names == ["image_generation.completed"]
+    assert sse.comments >= 2
+
+
+def test_images_n_over_what_the_server_holds_is_a_400(http):
+    # max_running 1 + max_queued 1: three requests admitted together could never be.
+    r = http.post("/v1/images/generations", json={"prompt": "x", "size": "32x32", "n": 3})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["param"], error["value"], error["limit"]) == ("n", 3, 2)
+    schema = http.get("/openapi.json").json()["components"]["schemas"]["ImagesRequest"]
+    assert schema["properties"]["n"]["maximum"] == 2
+
+
 def test_engine_fault_errors_the_request_and_turns_ready_503(server, http, tiny_model, monkeypatch):
     errors = finished(http, "error")
 

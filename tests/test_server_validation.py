@@ -178,7 +178,9 @@ def test_unset_parameters_take_the_caps(http):
     body = {"prompt": "a cat", "seed": 1, "stream": True, "partial_images": 1}
     with http.stream("POST", "/v1/images/generations", json=body) as r:
         assert r.status_code == 200
-        assert read_sse(r).names == ["image_generation.completed"]
+        # No refine round here: the one partial image asked for is a preview of the only image.
+        names = ["image_generation.partial_image", "image_generation.completed"]
+        assert read_sse(r).names == names
 
 
 def test_schema_states_the_caps(http):
@@ -217,6 +219,47 @@ def test_unknown_missing_and_malformed(http):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = http.post("/generate", content=b"", headers={"content-type": "application/json"})
     assert r.status_code == 400
+
+
+RAW_OK = '{"prompt": "a cat", "recipe": "t2i", "width": 32, "height": 32'
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "value"),
+    [
+        ('"temperature": NaN', "temperature", "nan"),
+        ('"cfg_interval": [NaN, 0.5]', "cfg_interval.0", "nan"),
+        ('"seed": 1e999', "seed", "inf"),
+        ('"timeout_s": -Infinity', "timeout_s", "-inf"),
+        # A lone surrogate: valid JSON, but no string: the body as a whole is refused.
+        ('"\\ud800": 1', None, "\\ud800"),
+    ],
+)
+def test_values_json_cannot_echo_are_still_a_400(http, extra, param, value):
+    """Python's JSON reader takes NaN, Infinity and lone surrogates; the error echoes them back
+    in a form JSON can carry, and the connection stays fit for the next request."""
+    body = f"{RAW_OK}, {extra}}}".encode()
+    r = http.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert_names(r, param, value, ...)
+    assert http.get("/health").status_code == 200
+
+
+def test_images_n_and_seed_stay_in_range(http):
+    top = 2**63 - 1
+    r = http.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "seed": top})
+    assert_names(r, "seed", top, top - 1)
+    for size in (" 32x32", "+32x+32", "3_2x32", "\uff13\uff12x32", "32x32x32"):
+        r = http.post("/v1/images/generations", json={"prompt": "a cat", "size": size})
+        assert_names(r, "size", size, ...)
+
+
+def test_only_picture_formats_are_decoded(http):
+    """PIL would hand an EPS to Ghostscript: uploads are decoded as picture formats only."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
+    image = base64.b64encode(eps).decode()
+    r = http.post("/generate", json={**OK, "recipe": "understand", "image": image})
+    message = assert_names(r, "image", ..., ...)["message"]
+    assert "cannot decode" in message and "Ghostscript" not in message
 
 
 def test_body_too_large_declared_and_streamed(http):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -41,19 +43,17 @@ from server.settings import Settings
 router = APIRouter(prefix="/v1")
 IRG_EXTENSIONS = frozenset({"num_timesteps", "max_think_tokens", "temperature", "refine_rounds"})
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 429, 500, 503, 504)}
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII)
 
 
 def parse_size(size: str, settings: Settings) -> tuple[int, int]:
     """(width, height) of a `size`; "auto" is the largest default this server takes."""
     if size == "auto":
         return settings.max_image_side, settings.max_image_side
-    w, sep, h = size.partition("x")
-    try:
-        width, height = int(w), int(h)
-    except ValueError:
-        width = height = -1
+    match = SIZE.fullmatch(size)
+    width, height = (int(match[1]), int(match[2])) if match else (-1, -1)
     top = settings.max_image_side
-    if not sep or not all(MIN_SIDE <= s <= top and s % 16 == 0 for s in (width, height)):
+    if not all(MIN_SIDE <= s <= top and s % 16 == 0 for s in (width, height)):
         limit = caps.size_rule(settings)
         raise invalid("size", f"size must be {limit}", size, limit)
     return width, height
@@ -70,8 +70,6 @@ def as_generate(req: ImagesRequest, seed: int, settings: Settings) -> GenerateRe
         width=width,
         height=height,
         seed=seed,
-        # The engine's previews of every image; only the final image's are forwarded.
-        partial_images=max(0, req.partial_images - 1),
         **extensions,
     )
 
@@ -125,10 +123,18 @@ class ImagesStream:
         self.image = None
 
     async def frames(self) -> AsyncIterator[bytes]:
+        # Most engine events have no OpenAI frame: a keep-alive goes out in their place whenever
+        # the stream has been quiet for the interval, as the job does while the engine is quiet.
+        interval = self.job.state.settings.keepalive_interval
+        written = time.monotonic()
         async with contextlib.aclosing(self.job.events()) as events:
             async for event in events:
                 frame = await self.frame(event)
+                now = time.monotonic()
+                if frame is None and now - written >= interval:
+                    frame = sse.KEEPALIVE
                 if frame is not None:
+                    written = now
                     yield frame
 
     async def _image_frame(self, kind: str, pixels, **extra) -> bytes:
@@ -173,6 +179,13 @@ async def images_generations(body: ImagesRequest, request: Request):
         raise invalid("model", f"this server serves {state.model_id!r}", body.model, state.model_id)
     if body.stream and body.n != 1:
         raise invalid("n", "streaming supports n = 1", body.n, 1)
+    most = state.settings.max_in_flight
+    if body.n > most:  # a 429 would never clear: the n requests are admitted all or none
+        message = f"n {body.n} is over the {most} requests this server holds at once"
+        raise invalid("n", message, body.n, most)
+    if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
+        top = MAX_SEED - body.n + 1
+        raise invalid("seed", f"seed + n - 1 must be <= {MAX_SEED}", body.seed, top)
     # Checked here too, under the names this request uses (partial_images is not /generate's).
     caps.capped(body, state.settings)
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - 8)
@@ -188,6 +201,9 @@ async def images_generations(body: ImagesRequest, request: Request):
     ]
     # The rounds in force: an unset refine_rounds may have been capped lower.
     final_round = params[0].refine_rounds + 1
+    if body.stream:  # the earlier rounds' images are partial images too; the rest are previews
+        previews = max(0, body.partial_images - (final_round - 1))
+        params = [dataclasses.replace(p, partial_images=previews) for p in params]
     tickets = state.admit_many(body.n)
     jobs = [Job(state, p, t, timeout) for p, t in zip(params, tickets, strict=True)]
     for i, job in enumerate(jobs):
