@@ -22,6 +22,7 @@ from irg_engine.recipes.params import RecipeParams
 from server.admission import Ticket
 from server.errors import ApiError
 from server.metrics import REASON_OF_FAILURE
+from server.result import failure_error
 from server.state import ServerState
 
 KEEPALIVE = object()
@@ -115,6 +116,26 @@ class Job:
                 # The consumer left before the end: free the engine's resources now.
                 client.abort(self.id)
                 self._settle(Failed("aborted", "client went away"), "abort")
+
+    async def stream(self) -> AsyncIterator[object]:
+        """`events()` for a streamed answer. The first event is awaited here, so a request that
+        fails at once (deadline already past, engine refusal) raises its plain HTTP error
+        instead of opening a stream only to report it."""
+        events = self.events()
+        first = await events.__anext__()
+        if isinstance(first, Failed):
+            await events.aclose()
+            raise failure_error(first)
+
+        async def chained() -> AsyncIterator[object]:
+            try:
+                yield first
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()
+
+        return chained()
 
     def cancel(self) -> None:
         """End a submitted job whose events nobody will read."""

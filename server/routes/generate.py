@@ -3,25 +3,25 @@
 Flow: body (validated by pydantic) -> `params.to_recipe_params` (model- and settings-dependent
 limits, in a worker thread since it may decode an image) -> admission ticket -> `Job.submit` ->
 either `Result` (JSON, watched for a client disconnect) or SSE frames from `result.event_payload`.
-A streaming request looks at its first engine event before answering, so a request that fails at
-once (deadline already past, engine refusal) still gets a plain HTTP error rather than a stream.
+A streaming request looks at its first engine event before answering (`Job.stream`), so a request
+that fails at once still gets a plain HTTP error rather than a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from irg_engine.events import Failed
 from server import sse
 from server.connection import unless_disconnected
 from server.job import KEEPALIVE, Job
 from server.params import deadline_seconds, to_recipe_params
 from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse
-from server.result import Result, event_payload, failure_error
+from server.result import Result, event_payload
 from server.routes import state_of
 
 router = APIRouter()
@@ -37,26 +37,16 @@ def wants_stream(body_stream: bool, request: Request) -> bool:
     return body_stream or "text/event-stream" in request.headers.get("accept", "")
 
 
-async def frames(
-    job: Job, first: object, rest: AsyncIterator[object], model: str
-) -> AsyncIterator[bytes]:
+async def frames(job_events: AsyncIterator[object], job: Job, model: str) -> AsyncIterator[bytes]:
     ids = sse.EventIds()
-
-    async def chained() -> AsyncIterator[object]:
-        yield first
-        async for event in rest:
-            yield event
-
-    try:
-        async for event in chained():
+    async with contextlib.aclosing(job_events) as events:
+        async for event in events:
             if event is KEEPALIVE:
                 yield sse.KEEPALIVE
                 continue
             payload = await event_payload(event, job.id, model)
             if payload is not None:
                 yield ids.frame(*payload)
-    finally:
-        await rest.aclose()
 
 
 @router.post(
@@ -72,14 +62,10 @@ async def generate(body: GenerateRequest, request: Request):
     timeout = deadline_seconds(body.timeout_s, state.settings)
     job = Job(state, params, state.admit(), timeout)
     job.submit()
-    events = job.events()
     if wants_stream(body.stream, request):
-        first = await events.__anext__()
-        if isinstance(first, Failed):
-            await events.aclose()
-            raise failure_error(first)
-        return sse.EventSourceResponse(frames(job, first, events, state.model_id))
+        return sse.EventSourceResponse(frames(await job.stream(), job, state.model_id))
 
+    events = job.events()
     result = Result(job.id, state.model_id)
 
     async def collect() -> dict:

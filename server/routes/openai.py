@@ -110,8 +110,11 @@ async def _final_image(
 class ImagesStream:
     """SSE frames of one streamed images request, in OpenAI's event names and payloads."""
 
-    def __init__(self, job: Job, req: ImagesRequest, final_round: int) -> None:
-        self.job, self.final_round, self.limit = job, final_round, req.partial_images
+    def __init__(
+        self, job: Job, events: AsyncIterator[object], req: ImagesRequest, final_round: int
+    ) -> None:
+        self.job, self.events = job, events
+        self.final_round, self.limit = final_round, req.partial_images
         self.meta = {
             "size": req.size,
             "quality": req.quality or "auto",
@@ -127,7 +130,7 @@ class ImagesStream:
         # the stream has been quiet for the interval, as the job does while the engine is quiet.
         interval = self.job.state.settings.keepalive_interval
         written = time.monotonic()
-        async with contextlib.aclosing(self.job.events()) as events:
+        async with contextlib.aclosing(self.events) as events:
             async for event in events:
                 frame = await self.frame(event)
                 now = time.monotonic()
@@ -214,7 +217,8 @@ async def images_generations(body: ImagesRequest, request: Request):
                 other.cancel()
             raise
     if body.stream:
-        return sse.EventSourceResponse(ImagesStream(jobs[0], body, final_round).frames())
+        stream = ImagesStream(jobs[0], await jobs[0].stream(), body, final_round)
+        return sse.EventSourceResponse(stream.frames())
 
     async def collect() -> dict:
         tasks = [asyncio.ensure_future(run_one(job, final_round)) for job in jobs]
