@@ -116,6 +116,9 @@ def _from_validation(exc: RequestValidationError) -> ApiError:
         code = "missing_parameter"
         message = f"{param} is required" if param else "a JSON request body is required"
         return ApiError(400, code, message, param)
+    if param is None and kind == "model_attributes_type":  # the body is no JSON object
+        message = "the request body must be a JSON object, sent as Content-Type: application/json"
+        return ApiError(400, "invalid_request", message, "body", err.get("input"))
     if kind == "extra_forbidden":
         return ApiError(400, "unknown_parameter", f"unknown parameter {param}", param)
     message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))

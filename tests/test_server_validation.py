@@ -219,6 +219,12 @@ def test_unknown_missing_and_malformed(http):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = http.post("/generate", content=b"", headers={"content-type": "application/json"})
     assert r.status_code == 400
+    for content, kind in ((b'{"prompt": "a"}', "text/plain"), (b"[1]", "application/json")):
+        r = http.post("/generate", content=content, headers={"content-type": kind})
+        error = r.json()["error"]
+        assert r.status_code == 400, r.text
+        assert (error["code"], error["param"]) == ("invalid_request", "body")
+        assert "Content-Type: application/json" in error["message"]
 
 
 RAW_OK = '{"prompt": "a cat", "recipe": "t2i", "width": 32, "height": 32'
