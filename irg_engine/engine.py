@@ -155,8 +155,13 @@ class Engine:
             if self.images.in_flight:  # others are encoding/decoding images; blocks may free up
                 self.images.wait(0.05)
                 return True
+            pool = self.pool
+            message = (
+                f"request does not fit in this server's KV cache "
+                f"({pool.num_blocks} blocks of {pool.block_size} tokens)"
+            )
             for r in live:  # alone and still too big for the pool: can never run
-                self._finish(r, ev.Failed("engine_error", "request does not fit in the KV cache"))
+                self._finish(r, ev.Failed("invalid_request", message))
             return True
         batch = [
             (self.running[rid], Scheduled(self.running[rid].pending, n)) for rid, n in plan.run

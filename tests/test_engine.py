@@ -290,6 +290,20 @@ def test_a_fault_in_a_step_that_rolls_rows_back_leaks_no_block(tiny_model):
     assert engine.pool.num_used == 0
 
 
+def test_a_request_too_big_for_the_kv_cache_is_refused_and_the_engine_goes_on(tiny_model):
+    config = EngineConfig(kv_tokens=64, block_size=16, prefix_cache_entries=0)
+    engine = Engine(tiny_model, config)
+    big, small = [], []
+    engine.add(Request("big", RecipeParams("word " * 100, recipe="t2i", **SMALL), big.append))
+    engine.run_until_idle()
+    assert isinstance(big[-1], ev.Failed) and big[-1].code == "invalid_request"
+    assert "4 blocks of 16 tokens" in big[-1].message
+    engine.add(Request("small", RecipeParams("a fox", recipe="t2i", **SMALL), small.append))
+    engine.run_until_idle()
+    assert isinstance(small[-1], ev.Finished) and engine.stats().healthy
+    assert engine.pool.num_used == 0
+
+
 def test_model_fault_fails_requests_and_marks_the_engine_unhealthy(tiny_model, monkeypatch):
     engine = Engine(tiny_model)
 
