@@ -180,7 +180,9 @@ def test_unset_parameters_take_the_caps(http):
         assert r.status_code == 200
         # No refine round here: the one partial image asked for is a preview of the only image.
         names = ["image_generation.partial_image", "image_generation.completed"]
-        assert read_sse(r).names == names
+        sse = read_sse(r)
+        assert sse.names == names
+        assert sse.of("image_generation.completed")[0]["size"] == "32x32"  # the cap, not 1024
 
 
 def test_schema_states_the_caps(http):

@@ -116,7 +116,7 @@ class ImagesStream:
         self.job, self.events = job, events
         self.final_round, self.limit = final_round, req.partial_images
         self.meta = {
-            "size": req.size,
+            "size": f"{job.params.width}x{job.params.height}",  # the size drawn, "auto" resolved
             "quality": req.quality or "auto",
             "background": req.background or "opaque",
             "output_format": "png",
