@@ -136,32 +136,12 @@ class Engine:
                 self.images.wait(0.05)
             return bool(self.running)
         pending = [
-            Pending(
-                r.id,
-                r.pending.kind,
-                r.pending.tokens,
-                self._blocks_for(r.pending),
-                r.arrival,
-                r.contexts.blocks_held,
-            )
+            Pending(r.id, r.pending.kind, r.pending.tokens, self._blocks_for(r.pending), r.arrival)
             for r in live
         ]
         plan = self.scheduler.plan(pending, self.pool.num_free)
-        for rid in plan.preempt:
-            self._preempt(self.running[rid])
         if not plan.run:
-            if plan.preempt or self.prefix_cache.evict():
-                return True
-            if self.images.in_flight:  # others are encoding/decoding images; blocks may free up
-                self.images.wait(0.05)
-                return True
-            pool = self.pool
-            message = (
-                f"request does not fit in this server's KV cache "
-                f"({pool.num_blocks} blocks of {pool.block_size} tokens)"
-            )
-            for r in live:  # alone and still too big for the pool: can never run
-                self._finish(r, ev.Failed("invalid_request", message))
+            self._make_room(live, pending)
             return True
         batch = [
             (self.running[rid], Scheduled(self.running[rid].pending, n)) for rid, n in plan.run
@@ -169,6 +149,37 @@ class Engine:
         self._take_cores()
         self._run_batch(batch)
         return True
+
+    def _make_room(self, live: list[Request], pending: list[Pending]) -> None:
+        """Nothing fits in the free KV blocks. In order: end the requests that could not run
+        even with the whole pool; drop a cached prefix (only a shortcut); preempt a request that
+        frees blocks; wait for image jobs, whose requests may free theirs."""
+        pool = self.pool
+        for p, r in zip(pending, live, strict=True):
+            p.holds_blocks = r.contexts.blocks_held
+            p.frees_blocks = r.contexts.blocks_exclusive()
+        too_big = [
+            r
+            for p, r in zip(pending, live, strict=True)
+            if p.holds_blocks + p.blocks > pool.num_blocks
+        ]
+        if too_big:
+            message = (
+                f"request does not fit in this server's KV cache "
+                f"({pool.num_blocks} blocks of {pool.block_size} tokens)"
+            )
+            for r in too_big:
+                self._finish(r, ev.Failed("invalid_request", message))
+            return
+        if self.prefix_cache.evict():
+            return
+        if (victim := self.scheduler.victim(pending)) is not None:
+            self._preempt(self.running[victim])
+        elif self.images.in_flight:
+            self.images.wait(0.05)
+        else:  # every block is held by the requests here and none can go: never hang
+            for r in live:
+                self._finish(r, ev.Failed("engine_error", "the KV cache is full and stuck"))
 
     def _take_cores(self) -> None:
         """This thread's torch ops get the CPU threads no image worker holds or is about to.

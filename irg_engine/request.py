@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,13 @@ class RequestContexts:
 
     @property
     def blocks_held(self) -> int:
-        return sum(len(s.blocks) for s in self.owned)
+        """Blocks of this request's contexts, each counted once (forks share theirs)."""
+        return len({b for s in self.owned for b in s.blocks})
+
+    def blocks_exclusive(self) -> int:
+        """Blocks held by this request alone: what a preemption would give back to the pool."""
+        mine = Counter(b for s in self.owned for b in s.blocks)
+        return sum(1 for b, n in mine.items() if self.pool.refs[b] == n)
 
 
 class RequestObserver(Observer):
@@ -145,17 +152,19 @@ class Request:
         self.timings: dict[str, float] = {}
         self.finished = False
         self.started = False
-        self.program_events = 0
-        self.replay_skip = 0  # after a preemption, events already sent are not sent again
+        # A preempted program runs again from the start and emits the same events again: only
+        # those past the ones already sent go out.
+        self.program_events = 0  # emitted by the program's current run
+        self.events_sent = 0  # program events the client has, over every run
 
     def emit(self, event: ev.Event) -> None:
         if self.finished:
             return
         if not isinstance(event, (ev.Queued, ev.Started, *ev.FINAL)):
-            if self.replay_skip > 0:
-                self.replay_skip -= 1
-                return
             self.program_events += 1
+            if self.program_events <= self.events_sent:
+                return
+            self.events_sent += 1
         self._emit(event)
 
     def start(self, model: LoadedModel, pool: BlockPool) -> None:
@@ -188,7 +197,7 @@ class Request:
         if self.contexts is not None:
             self.contexts.free_all()
         self.program, self.pending, self.prefix_key = None, None, None
-        self.replay_skip, self.program_events = self.program_events, 0
+        self.program_events = 0
         self.texts, self.images = [], []
         self.usage = dict.fromkeys(self.usage, 0)
 

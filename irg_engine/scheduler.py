@@ -1,24 +1,30 @@
 """Forms each engine step from the pending work of every running request (no torch).
 
 Input: one `Pending` per request that waits for the model (what kind of work, how many tokens,
-how many KV blocks it would take, whether it may be cut into chunks, when it arrived). Output: a
-`StepPlan` naming which requests run and how many tokens of their item, or which request to
-preempt when nothing fits in the KV pool.
+how many KV blocks it would take, when it arrived). Output: a `StepPlan` naming which requests
+run and how many tokens of their item. When nothing fits in the free KV blocks the engine asks
+`victim` which request to preempt.
 
 Policy, in order, under a token budget and the free KV blocks:
 1. decode tokens of every request that is thinking or reflecting (one token each: cheap, and what
    a user waits on);
-2. denoising evaluations (all guidance rows of one request's step at once; the first one always
-   runs so a big image can never starve);
-3. prefills in arrival order, the last one cut to the remaining budget if it is text.
+2. denoising evaluations (all guidance rows of one request's step at once);
+3. prefills and image blocks in arrival order, the last text prefill cut to the remaining budget.
+The first denoising evaluation and the first prefill or image block run even over the budget (a
+text prefill then as a chunk of at most `PREFILL_FLOOR` tokens): a big image's step can exceed
+the budget on its own, and neither kind may starve behind the other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from irg_engine.block_pool import blocks_for
+
 KINDS = ("decode", "denoise", "prefill", "block")  # block: an image block (cannot be cut)
 ORDER = {"decode": 0, "denoise": 1, "prefill": 2, "block": 2}
+# Text prefill tokens that run in a step whose budget other work has taken.
+PREFILL_FLOOR = 256
 
 
 @dataclass(slots=True)
@@ -28,7 +34,8 @@ class Pending:
     tokens: int
     blocks: int  # KV blocks the whole item would take
     arrival: int  # lower = older
-    holds_blocks: int = 0  # blocks this request owns now (preemption frees them)
+    holds_blocks: int = 0  # blocks this request's contexts hold
+    frees_blocks: int = 0  # of those, the ones no one else holds (a preemption frees them)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -40,11 +47,6 @@ class Pending:
 @dataclass(slots=True)
 class StepPlan:
     run: list[tuple[str, int]] = field(default_factory=list)  # (request id, tokens to run)
-    preempt: list[str] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.run and not self.preempt
 
 
 class Scheduler:
@@ -55,43 +57,37 @@ class Scheduler:
 
     def _chunk_blocks(self, tokens: int) -> int:
         # An upper bound: the chunk may start mid-block and a shared last block may be copied.
-        return -(-tokens // self.block_size) + 2
+        return blocks_for(tokens, self.block_size) + 2
 
     def plan(self, pending: list[Pending], free_blocks: int) -> StepPlan:
         plan = StepPlan()
         budget = self.token_budget
-        denoise_ran = False
+        first = {"denoise": True, "prefill": True}  # the kinds whose first item always runs
         for item in sorted(pending, key=lambda p: (ORDER[p.kind], p.arrival)):
-            if item.kind == "denoise":
-                if item.tokens > budget and denoise_ran:
-                    continue
-                if item.blocks > free_blocks:
-                    continue
-                denoise_ran = True
-                take = item.tokens
-            elif item.kind == "prefill" and item.tokens > budget:
-                take = budget
-                if take <= 0 or self._chunk_blocks(take) > free_blocks:
-                    continue
-                plan.run.append((item.request_id, take))
-                free_blocks -= self._chunk_blocks(take)
-                budget = 0
+            group = "prefill" if item.kind == "block" else item.kind
+            take, blocks = item.tokens, item.blocks
+            if item.kind == "prefill" and take > budget:
+                take = budget if budget > 0 else PREFILL_FLOOR * first["prefill"]
+                take = min(take, item.tokens)
+                blocks = self._chunk_blocks(take)
+            over = take > budget and not (first.get(group) or not plan.run)
+            if take <= 0 or over or blocks > free_blocks:
                 continue
-            else:
-                take = item.tokens
-                if (take > budget and plan.run) or item.blocks > free_blocks:
-                    continue
             plan.run.append((item.request_id, take))
             budget -= take
-            free_blocks -= item.blocks
-        if not plan.run and pending:
-            plan.preempt = self._victim(pending)
+            free_blocks -= blocks
+            first[group] = False
         return plan
 
     @staticmethod
-    def _victim(pending: list[Pending]) -> list[str]:
-        """Nothing fits: free the youngest request that holds blocks (it is recomputed later)."""
+    def victim(pending: list[Pending]) -> str | None:
+        """Nothing fits: the request to preempt (it is recomputed later), or None.
+
+        The youngest whose preemption frees blocks; where no one's does (every block held is
+        shared), the youngest of several holders, whose leaving makes blocks others' alone."""
+        freeing = [p for p in pending if p.frees_blocks > 0]
         holders = [p for p in pending if p.holds_blocks > 0]
-        if len(holders) <= 1:
-            return []  # one request alone that cannot fit can only wait for no one: engine fails it
-        return [max(holders, key=lambda p: p.arrival).request_id]
+        candidates = freeing or (holders if len(holders) > 1 else [])
+        if not candidates:
+            return None
+        return max(candidates, key=lambda p: p.arrival).request_id

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from irg_engine.scheduler import Pending, Scheduler
+from irg_engine.scheduler import PREFILL_FLOOR, Pending, Scheduler
 
 
-def P(rid, kind, tokens, blocks=1, arrival=0, holds=1):
-    return Pending(rid, kind, tokens, blocks, arrival, holds)
+def P(rid, kind, tokens, blocks=1, arrival=0, holds=1, frees=0):
+    return Pending(rid, kind, tokens, blocks, arrival, holds, frees)
 
 
 def test_decode_rides_along_with_denoise_and_prefill():
@@ -44,17 +44,35 @@ def test_items_that_do_not_fit_in_kv_wait():
     assert plan.run == [("a", 1)]
 
 
-def test_nothing_fits_preempts_the_youngest_holder():
+def test_prefills_and_image_blocks_do_not_starve_behind_a_big_denoise():
+    # 2 x 4098 guidance rows take the whole budget: the oldest prefill still gets a chunk, and
+    # an image block (which cannot be cut) runs whole, one a step.
+    s = Scheduler(token_budget=8192, block_size=16)
+    denoise = P("a", "denoise", 8196, 0, 0)
+    plan = s.plan([denoise, P("b", "prefill", 1000, 63, 1), P("c", "prefill", 40, 3, 2)], 100)
+    assert plan.run == [("a", 8196), ("b", PREFILL_FLOOR)]
+    plan = s.plan([denoise, P("b", "prefill", 40, 3, 1)], 100)
+    assert plan.run == [("a", 8196), ("b", 40)]
+    plan = s.plan([denoise, P("b", "block", 4098, 257, 1), P("c", "block", 4098, 257, 2)], 600)
+    assert plan.run == [("a", 8196), ("b", 4098)]
+
+
+def test_the_victim_is_the_youngest_request_whose_preemption_frees_blocks():
     s = Scheduler(token_budget=1000, block_size=16)
-    plan = s.plan(
-        [
-            P("a", "block", 50, 9, 0, holds=5),
-            P("b", "block", 50, 9, 3, holds=2),
-            P("c", "block", 50, 9, 5, holds=0),
-        ],
-        free_blocks=2,
-    )
-    assert plan.run == [] and plan.preempt == ["b"]
+    pending = [
+        P("a", "block", 50, 9, 0, holds=5, frees=3),
+        P("b", "block", 50, 9, 3, holds=2, frees=2),
+        P("c", "block", 50, 9, 5, holds=2, frees=0),  # only shared blocks: frees nothing
+        P("d", "block", 50, 9, 7, holds=0),
+    ]
+    assert s.plan(pending, free_blocks=2).run == []
+    assert s.victim(pending) == "b"
+
+
+def test_without_blocks_to_free_the_youngest_of_several_holders_goes():
+    shared = [P("a", "decode", 1, 1, 0, holds=2), P("b", "decode", 1, 1, 3, holds=2)]
+    assert Scheduler.victim(shared) == "b"
+    assert Scheduler.victim(shared[:1]) is None  # alone: nobody to make room for it
 
 
 def test_pending_validates():

@@ -1,0 +1,105 @@
+"""The engine when nothing fits in the free KV blocks: it preempts only what frees blocks, drops
+cached prefixes before it preempts, ends only the requests that could never fit, never loops,
+and a request preempted more than once sends each event once.
+
+The programs here are bare sequences of prefills (and text events) on a tiny pool of 16-token
+blocks, so each case puts the pool in exactly the state it is about.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from irg_engine import events as ev
+from irg_engine.config import EngineConfig
+from irg_engine.engine import Engine
+from irg_engine.recipes import RecipeParams
+from irg_engine.recipes.params import TextOut
+from irg_engine.recipes.work import PrefillText
+from irg_engine.request import Request
+
+STEP_CAP = 200  # far more than any case needs: a loop shows as a run that never goes idle
+
+
+def ids(n: int, base: int) -> list[int]:
+    return list(range(base, base + n))
+
+
+def prefills(*segments: tuple[list[int], bool]):
+    def program(env):
+        ctx = env.contexts.new("main")
+        for tokens, shared in segments:
+            yield PrefillText(ctx, tokens, shared)
+
+    return program
+
+
+def run(engine: Engine, programs: dict) -> dict[str, list]:
+    sinks = {name: [] for name in programs}
+    for name, program in programs.items():
+        engine.add(Request(name, RecipeParams("x"), sinks[name].append, program_factory=program))
+    steps = 0
+    while not engine.idle and steps < STEP_CAP:
+        engine.step()
+        steps += 1
+    assert engine.idle, f"still busy after {STEP_CAP} steps ({engine.preemptions} preemptions)"
+    return sinks
+
+
+@pytest.fixture
+def small_engine(tiny_model):
+    def make(kv_tokens: int, **config) -> Engine:
+        config.setdefault("prefix_cache_entries", 0)
+        cfg = EngineConfig(kv_tokens=kv_tokens, block_size=16, decode_graphs="off", **config)
+        return Engine(tiny_model, cfg)
+
+    return make
+
+
+def finished(sink: list) -> bool:
+    return isinstance(sink[-1], ev.Finished)
+
+
+def test_a_request_preempted_twice_sends_each_event_once(small_engine):
+    def texts(env):
+        ctx = env.contexts.new("b")
+        yield PrefillText(ctx, ids(16, 5000))
+        env.observer.text_done(TextOut("think", 1, "b1", []), [])
+        yield PrefillText(ctx, ids(32, 6000))
+        env.observer.text_done(TextOut("think", 1, "b2", []), [])
+        yield PrefillText(ctx, ids(16, 7000))
+
+    # a (older) grows in steps while b holds blocks: b is preempted at each of a's later steps.
+    a = prefills(
+        *((ids(n, base), False) for n, base in ((48, 1000), (32, 2000), (32, 3000), (16, 4000)))
+    )
+    eng = small_engine(128)
+    sinks = run(eng, {"a": a, "b": texts})
+    assert eng.preemptions >= 2
+    assert [e.text for e in sinks["b"] if isinstance(e, ev.TextDone)] == ["b1", "b2"]
+    assert finished(sinks["a"]) and finished(sinks["b"])
+    assert eng.pool.num_used == 0
+
+
+def test_a_cached_prefix_goes_before_a_request_is_preempted(small_engine):
+    eng = small_engine(128, prefix_cache_entries=4)
+    run(eng, {"z": prefills((ids(20, 500), True))})  # leaves a cached prefix of 2 blocks
+    system = ids(16, 300)
+    a = prefills((system, True), (ids(64, 1000), False), (ids(20, 2000), False))
+    b = prefills((system, True), (ids(32, 3000), False))
+    sinks = run(eng, {"a": a, "b": b})
+    assert finished(sinks["a"]) and finished(sinks["b"])
+    assert eng.preemptions == 0
+    eng.clear_prefix_cache()
+    assert eng.pool.num_used == 0
+
+
+def test_only_the_request_that_can_never_fit_ends(small_engine):
+    # 8 blocks: a needs 9 in all, b fits. b is neither preempted for a nor failed with it.
+    eng = small_engine(128)
+    a = prefills((ids(64, 1000), False), (ids(80, 2000), False))
+    b = prefills((ids(48, 3000), False), (ids(32, 4000), False))
+    sinks = run(eng, {"a": a, "b": b})
+    assert sinks["a"][-1].code == "invalid_request" and "8 blocks of 16" in sinks["a"][-1].message
+    assert finished(sinks["b"]) and eng.preemptions == 0
+    assert eng.pool.num_used == 0
