@@ -85,7 +85,7 @@ class EngineClient:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         self.engine.fail_all("shutdown", "server shutting down")
-        self.engine.close()
+        await asyncio.to_thread(self.engine.close)  # joins the image workers: off the event loop
 
     # -- requests -----------------------------------------------------------------------------
     def submit(
