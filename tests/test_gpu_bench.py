@@ -1,9 +1,9 @@
-"""The GPU benchmark's count of an IRG request's denoising passes, against DESIGN.md 7.
-
-`bench/gpu_bench.py` divides its IRG timings by these counts (the floor of a request alone and
-the denoise-bound ceiling of many), and it only runs on a device, so the count is checked here.
+"""The full-size benchmark (`bench/gpu_bench.py`) off the device: its count of an IRG request's
+denoising passes against DESIGN.md 7 (its IRG timings are divided by that count), and a run of
+the whole script at the tiny shape on the CPU, so that a device call never finds it broken.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import pytest
 from irg_engine.recipes import RecipeParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import gpu_bench
 from gpu_probes import irg_passes
 
 
@@ -34,3 +35,15 @@ def test_guidance_settings_change_the_count(settings: dict, short: int, long: in
         "short_context": short,
         "long_context": long,
     }
+
+
+def test_the_script_runs_every_phase_at_the_tiny_shape(capsys) -> None:
+    args = "--shape tiny --device cpu --size 32 --timesteps 3 --think-tokens 2 --concurrent 2"
+    args += " --concurrent-timesteps 2 --concurrent-think-tokens 2 --long-context 700 --json"
+    assert gpu_bench.main(args.split()) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "errors" not in result
+    assert result["denoise_long_context"] == 700 and result["denoise_long_ms"] > 0
+    assert result["decode_32_tokens_per_s"] > 0 and result["irg_concurrent"]["requests"] == 2
+    assert result["irg_alone_vs_measured_passes"] > 0
+    assert result["irg_concurrent_vs_denoise_ceiling"] > 0
