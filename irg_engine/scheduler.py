@@ -9,7 +9,9 @@ Policy, in order, under a token budget and the free KV blocks:
 1. decode tokens of every request that is thinking or reflecting (one token each: cheap, and what
    a user waits on);
 2. denoising evaluations (all guidance rows of one request's step at once);
-3. prefills and image blocks in arrival order, the last text prefill cut to the remaining budget.
+3. prefills and image blocks in arrival order, a text prefill cut to the remaining budget and to
+   what the free KV blocks hold. First come, first served: once one waits for KV blocks, the
+   younger ones wait too, so a big image block is not starved by a stream of small prompts.
 The first denoising evaluation and the first prefill or image block run even over the budget (a
 text prefill then as a chunk of at most `PREFILL_FLOOR` tokens): a big image's step can exceed
 the budget on its own, and neither kind may starve behind the other.
@@ -63,15 +65,24 @@ class Scheduler:
         plan = StepPlan()
         budget = self.token_budget
         first = {"denoise": True, "prefill": True}  # the kinds whose first item always runs
+        kv_wait = False  # an older prefill or block waits for KV blocks: younger ones wait too
         for item in sorted(pending, key=lambda p: (ORDER[p.kind], p.arrival)):
             group = "prefill" if item.kind == "block" else item.kind
+            if group == "prefill" and kv_wait:
+                continue
             take, blocks = item.tokens, item.blocks
-            if item.kind == "prefill" and take > budget:
-                take = budget if budget > 0 else PREFILL_FLOOR * first["prefill"]
-                take = min(take, item.tokens)
-                blocks = self._chunk_blocks(take)
-            over = take > budget and not (first.get(group) or not plan.run)
-            if take <= 0 or over or blocks > free_blocks:
+            if item.kind == "prefill":
+                if take > budget:  # a chunk: what the budget leaves, a floor's worth if first
+                    take = min(take, budget if budget > 0 else PREFILL_FLOOR * first["prefill"])
+                    if take <= 0:
+                        continue
+                if take < item.tokens or blocks > free_blocks:  # as much as the free blocks hold
+                    take = min(take, (free_blocks - 2) * self.block_size)
+                    blocks = self._chunk_blocks(take)
+            elif take > budget and not first.get(group, not plan.run):
+                continue
+            if take <= 0 or blocks > free_blocks:
+                kv_wait = kv_wait or group == "prefill"
                 continue
             plan.run.append((item.request_id, take))
             budget -= take
@@ -83,11 +94,15 @@ class Scheduler:
     def victim(pending: list[Pending]) -> str | None:
         """Nothing fits: the request to preempt (it is recomputed later), or None.
 
-        The youngest whose preemption frees blocks; where no one's does (every block held is
-        shared), the youngest of several holders, whose leaving makes blocks others' alone."""
-        freeing = [p for p in pending if p.frees_blocks > 0]
-        holders = [p for p in pending if p.holds_blocks > 0]
-        candidates = freeing or (holders if len(holders) > 1 else [])
+        Room is made for the oldest request, so the victim is younger than it: the youngest
+        whose preemption frees blocks, or where none's does (all they hold is shared), the
+        youngest holder, whose leaving makes shared blocks others' alone. An older victim would
+        take its blocks back at once, being first in line."""
+        oldest = min(p.arrival for p in pending)
+        younger = [p for p in pending if p.arrival > oldest]
+        candidates = [p for p in younger if p.frees_blocks > 0] or [
+            p for p in younger if p.holds_blocks > 0
+        ]
         if not candidates:
             return None
         return max(candidates, key=lambda p: p.arrival).request_id

@@ -57,7 +57,17 @@ def test_prefills_and_image_blocks_do_not_starve_behind_a_big_denoise():
     assert plan.run == [("a", 8196), ("b", 4098)]
 
 
-def test_the_victim_is_the_youngest_request_whose_preemption_frees_blocks():
+def test_a_prefill_short_of_kv_blocks_runs_the_chunk_they_hold_and_holds_younger_ones():
+    s = Scheduler(token_budget=512, block_size=16)
+    # 5 free blocks hold a chunk of (5 - 2) x 16 tokens (the estimate keeps 2 blocks spare).
+    plan = s.plan([P("a", "prefill", 300, 20, 0), P("b", "prefill", 10, 1, 1)], free_blocks=5)
+    assert plan.run == [("a", 48)]
+    # An older image block that does not fit: younger prefills wait behind it, decodes do not.
+    pending = [P("a", "block", 300, 20, 0), P("b", "prefill", 10, 1, 1), P("c", "decode", 1, 1, 2)]
+    assert s.plan(pending, free_blocks=5).run == [("c", 1)]
+
+
+def test_the_victim_is_the_youngest_request_younger_than_the_oldest_that_frees_blocks():
     s = Scheduler(token_budget=1000, block_size=16)
     pending = [
         P("a", "block", 50, 9, 0, holds=5, frees=3),
