@@ -107,12 +107,13 @@ class KVSequence:
         pool.retain(shared)
         return KVSequence(name, shared, self.length, self.rope)
 
-    def blocks_needed(self, pool: BlockPool, n: int) -> int:
-        """Blocks an append of n tokens would take from the pool (copy-on-write included)."""
+    def blocks_needed(self, pool: BlockPool, n: int, copies: bool = True) -> int:
+        """Blocks an append of n tokens would take from the pool; with `copies`, the copy of a
+        shared last block too (it replaces that block here: this sequence holds no more)."""
         bs = pool.block_size
         used_in_last = self.length % bs
         needed = blocks_for(self.length + n, bs) - len(self.blocks)
-        if used_in_last and pool.refs[self.blocks[-1]] > 1:
+        if copies and used_in_last and pool.refs[self.blocks[-1]] > 1:
             needed += 1
         return needed
 

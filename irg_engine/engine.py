@@ -161,7 +161,7 @@ class Engine:
         too_big = [
             r
             for p, r in zip(pending, live, strict=True)
-            if p.holds_blocks + p.blocks > pool.num_blocks
+            if p.holds_blocks + self._blocks_for(r.pending, copies=False) > pool.num_blocks
         ]
         if too_big:
             message = (
@@ -171,7 +171,7 @@ class Engine:
             for r in too_big:
                 self._finish(r, ev.Failed("invalid_request", message))
             return
-        if self.prefix_cache.evict():
+        if self.prefix_cache.give_back():
             return
         if (victim := self.scheduler.victim(pending)) is not None:
             self._preempt(self.running[victim])
@@ -189,11 +189,10 @@ class Engine:
         """
         torch.set_num_threads(max(1, self.cpu_threads - self.images.workers_busy))
 
-    def _blocks_for(self, item) -> int:
+    def _blocks_for(self, item, copies: bool = True) -> int:
         if isinstance(item, Velocity):
             return 0
-        seq = item.ctx
-        return seq.blocks_needed(self.pool, item.tokens)
+        return item.ctx.blocks_needed(self.pool, item.tokens, copies)
 
     def _run_batch(self, batch: list[tuple[Request, Scheduled]]) -> None:
         """Run the step; if it raises, roll it back and run each item alone, so only the

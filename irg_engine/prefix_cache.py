@@ -43,6 +43,17 @@ class PrefixCache:
         self._seqs.popitem(last=False)[1].free(self.pool)
         return True
 
+    def give_back(self) -> bool:
+        """Drop an entry for the engine, which is short of blocks: the oldest that no request
+        shares (its blocks go back to the pool at once), else the oldest (its blocks go back
+        once the requests sharing them end). False when the cache is empty."""
+        refs = self.pool.refs
+        idle = next((k for k, s in self._seqs.items() if all(refs[b] == 1 for b in s.blocks)), None)
+        if idle is None:
+            return self.evict()
+        self._seqs.pop(idle).free(self.pool)
+        return True
+
     def clear(self) -> None:
         while self.evict():
             pass

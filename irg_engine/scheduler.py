@@ -13,8 +13,9 @@ Policy, in order, under a token budget and the free KV blocks:
    what the free KV blocks hold. First come, first served: once one waits for KV blocks, the
    younger ones wait too, so a big image block is not starved by a stream of small prompts.
 The first denoising evaluation and the first prefill or image block run even over the budget (a
-text prefill then as a chunk of at most `PREFILL_FLOOR` tokens): a big image's step can exceed
-the budget on its own, and neither kind may starve behind the other.
+first text prefill gets at least `PREFILL_FLOOR` tokens, or the whole budget where that is
+smaller): a big image's step can exceed the budget on its own, and neither kind may starve
+behind the other.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ class Scheduler:
                 continue
             take, blocks = item.tokens, item.blocks
             if item.kind == "prefill":
-                if take > budget:  # a chunk: what the budget leaves, a floor's worth if first
-                    take = min(take, budget if budget > 0 else PREFILL_FLOOR * first["prefill"])
+                if take > budget:  # a chunk: what the budget leaves, at least a floor if first
+                    floor = min(PREFILL_FLOOR, self.token_budget) * first["prefill"]
+                    take = min(take, max(budget, floor))
                     if take <= 0:
                         continue
                 if take < item.tokens or blocks > free_blocks:  # as much as the free blocks hold

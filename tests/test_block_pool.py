@@ -7,6 +7,7 @@ import random
 import pytest
 
 from irg_engine.block_pool import BlockPool, KVSequence, OutOfBlocks
+from irg_engine.prefix_cache import PrefixCache
 
 
 def test_allocate_and_release_round_trip():
@@ -148,3 +149,20 @@ def test_next_slot_is_known_only_where_no_block_must_be_taken_or_copied():
     (slot,) = seq.append(pool, 1).slots
     seq.hold_back(1)
     assert seq.next_slot(pool) == slot  # the held-back slot
+
+
+def test_the_prefix_cache_gives_back_an_entry_no_request_shares_first():
+    pool = BlockPool(8, 4)
+    cache = PrefixCache(pool, entries=4)
+    for key in ((1,), (2,)):
+        seq = KVSequence("prompt")
+        seq.append(pool, 4)
+        cache.store(key, seq)
+        seq.free(pool)
+    user = KVSequence("user")
+    assert cache.adopt((1,), user)  # the older entry is in use: the newer one goes
+    assert cache.give_back() and pool.num_used == 1
+    assert cache.give_back() and pool.num_used == 1  # then the shared one: its user keeps it
+    assert not cache.give_back()
+    user.free(pool)
+    assert pool.num_used == 0

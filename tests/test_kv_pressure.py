@@ -103,3 +103,13 @@ def test_only_the_request_that_can_never_fit_ends(small_engine):
     assert sinks["a"][-1].code == "invalid_request" and "8 blocks of 16" in sinks["a"][-1].message
     assert finished(sinks["b"]) and eng.preemptions == 0
     assert eng.pool.num_used == 0
+
+
+def test_a_request_that_fills_the_pool_exactly_is_not_refused_for_a_copy(small_engine):
+    """Its last block is shared with the cached prefix, so its next prefill copies it first: the
+    copy replaces that block, and the request still fits once the cache lets go."""
+    eng = small_engine(64, prefix_cache_entries=2)  # 4 blocks
+    sinks = run(eng, {"a": prefills((ids(20, 300), True), (ids(44, 1000), False))})
+    assert finished(sinks["a"]), sinks["a"][-1]
+    eng.clear_prefix_cache()
+    assert eng.pool.num_used == 0

@@ -23,7 +23,9 @@ def test_decode_rides_along_with_denoise_and_prefill():
 def test_long_prefill_is_chunked_to_the_budget():
     s = Scheduler(token_budget=64, block_size=16)
     plan = s.plan([P("a", "decode", 1), P("b", "prefill", 500, 32, 1)], free_blocks=100)
-    assert plan.run == [("a", 1), ("b", 63)]
+    assert plan.run == [("a", 1), ("b", 64)]  # the first prefill's floor: the budget, at most
+    plan = s.plan([P("b", "prefill", 500, 32, 1), P("c", "prefill", 500, 32, 2)], 100)
+    assert plan.run == [("b", 64)]
 
 
 def test_image_blocks_are_not_cut_but_the_first_item_always_runs():
@@ -53,6 +55,9 @@ def test_prefills_and_image_blocks_do_not_starve_behind_a_big_denoise():
     assert plan.run == [("a", 8196), ("b", PREFILL_FLOOR)]
     plan = s.plan([denoise, P("b", "prefill", 40, 3, 1)], 100)
     assert plan.run == [("a", 8196), ("b", 40)]
+    # A few tokens left over: the first prefill still gets the floor, not those few.
+    plan = s.plan([P("a", "denoise", 8190, 0, 0), P("b", "prefill", 1000, 63, 1)], 100)
+    assert plan.run == [("a", 8190), ("b", PREFILL_FLOOR)]
     plan = s.plan([denoise, P("b", "block", 4098, 257, 1), P("c", "block", 4098, 257, 2)], 600)
     assert plan.run == [("a", 8196), ("b", 4098)]
 
