@@ -206,37 +206,18 @@ def test_a_faulty_request_does_not_take_down_the_others(tiny_model, decode_graph
     assert engine.stats().healthy
 
 
-def test_a_fault_while_steps_run_ahead_loses_no_token(tiny_model):
-    """A request fails mid-think while another's decode steps run ahead: the step is retried
-    item by item, and the survivor still thinks exactly what the reference thinks (its claimed
-    row recomputed, its generator rewound)."""
-    engine = Engine(tiny_model, EngineConfig(decode_graphs="static"))
-    params = RecipeParams("a fox", recipe="think_t2i", temperature=1.0, **SMALL)
-    good, bad = [], []
-
-    def broken(env):
-        ctx = env.contexts.new("main")
-        yield PrefillText(ctx, [100, 101, 102])
-        for token in (103, 104, 105):
-            yield DecodeStep(ctx, token)
-        yield DecodeStep(ctx, 10**9)  # an id far outside the vocabulary: the forward raises
-
-    engine.add(Request("good", replace(params, max_think_tokens=12), good.append))
-    engine.add(Request("bad", RecipeParams("x"), bad.append, program_factory=broken))
-    engine.run_until_idle()
-    assert isinstance(bad[-1], ev.Failed) and bad[-1].code == "engine_error"
-    assert engine.runner.ahead.used > 0
-    reference = run(tiny_model, replace(params, max_think_tokens=12))
-    assert [t["text"] for t in good[-1].texts] == [t.text for t in reference.texts]
-    engine.clear_prefix_cache()
-    assert engine.pool.num_used == 0
-
-
-@pytest.mark.parametrize("decode_ahead", [False, True])
-def test_a_fault_after_the_draw_loses_no_token(tiny_model, decode_ahead):
-    """The step's decode rows are drawn, then another item of the same step raises: the retry
-    draws those rows again from the same generator states, so the survivor still thinks what
-    the reference thinks."""
+@pytest.mark.parametrize(
+    ("decode_ahead", "failing"),
+    [
+        (True, "decode"),  # the survivor's row was claimed from the step run ahead
+        (False, "prefill"),  # the survivor's row was drawn, then the prefill after it raised
+        (True, "prefill"),
+    ],
+)
+def test_a_fault_beside_a_sampling_request_loses_no_token(tiny_model, decode_ahead, failing):
+    """A request fails mid-think in a step beside another's sampled decode row: the step is
+    retried item by item, and the survivor still thinks exactly what the reference thinks (a
+    claimed row is recomputed, every generator drawn from is put back)."""
     config = EngineConfig(decode_graphs="static", decode_ahead=decode_ahead)
     engine = Engine(tiny_model, config)
     params = RecipeParams("a fox", recipe="think_t2i", temperature=1.0, **SMALL)
@@ -247,13 +228,15 @@ def test_a_fault_after_the_draw_loses_no_token(tiny_model, decode_ahead):
         yield PrefillText(ctx, [100, 101, 102])
         for token in (103, 104, 105):
             yield DecodeStep(ctx, token)
-        # Prefill goes after the graphed decode rows: the good request's row is drawn first.
-        yield PrefillText(ctx, [10**9])
+        # An id far outside the vocabulary: the forward raises. A prefill runs after the graphed
+        # decode rows, so the survivor's row is drawn before it raises.
+        yield DecodeStep(ctx, 10**9) if failing == "decode" else PrefillText(ctx, [10**9])
 
     engine.add(Request("good", replace(params, max_think_tokens=12), good.append))
     engine.add(Request("bad", RecipeParams("x"), bad.append, program_factory=broken))
     engine.run_until_idle()
     assert isinstance(bad[-1], ev.Failed) and bad[-1].code == "engine_error"
+    assert (engine.runner.ahead.used > 0) == decode_ahead
     reference = run(tiny_model, replace(params, max_think_tokens=12))
     assert [t["text"] for t in good[-1].texts] == [t.text for t in reference.texts]
     engine.clear_prefix_cache()
