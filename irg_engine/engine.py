@@ -5,8 +5,9 @@ Data flow of one `step()`:
 2. waiting requests are admitted up to `max_running`; each gets its recipe program;
 3. each running program is advanced past work that needs no shared forward (VAE encode/decode,
    a system prompt found in the prefix cache) until it waits on model work;
-4. the `Scheduler` picks what runs under the token budget and the free KV blocks (or whom to
-   preempt); the `Runner` packs it into one forward;
+4. the `Scheduler` picks what runs under the token budget and the free KV blocks; the `Runner`
+   packs it into one forward. When nothing fits, `_make_room` ends what never could, drops a
+   cached prefix, preempts a younger request or waits for image jobs;
 5. results go back into the programs; finished programs end their requests.
 A forward that raises is retried item by item, so a fault that belongs to one request ends only
 that request; when every item fails the engine records a fault (`healthy` turns false until a
@@ -24,7 +25,7 @@ import torch
 
 from irg_engine import events as ev
 from irg_engine.attention import resolve_backend
-from irg_engine.block_pool import BlockPool
+from irg_engine.block_pool import BlockPool, blocks_for
 from irg_engine.config import EngineConfig, EngineStats
 from irg_engine.image_work import ImageWork
 from irg_engine.model.bagel import LoadedModel
@@ -50,7 +51,7 @@ class Engine:
         self.model, self.config = model, config or EngineConfig()
         cfg = self.config
         kv_tokens = cfg.kv_tokens or auto_kv_tokens(model)
-        self.pool = BlockPool(-(-kv_tokens // cfg.block_size), cfg.block_size)
+        self.pool = BlockPool(blocks_for(kv_tokens, cfg.block_size), cfg.block_size)
         self.runner = Runner(
             model,
             self.pool,
@@ -152,24 +153,21 @@ class Engine:
 
     def _make_room(self, live: list[Request], pending: list[Pending]) -> None:
         """Nothing fits in the free KV blocks. In order: end the requests that could not run
-        even with the whole pool; drop a cached prefix (only a shortcut); preempt a request that
-        frees blocks; wait for image jobs, whose requests may free theirs."""
-        pool = self.pool
+        even with the whole pool; drop a cached prefix (only a shortcut); preempt a request
+        younger than the oldest (`Scheduler.victim`); wait for image jobs, whose requests may
+        free theirs."""
+        pool, too_big = self.pool, []
         for p, r in zip(pending, live, strict=True):
             p.holds_blocks = r.contexts.blocks_held
             p.frees_blocks = r.contexts.blocks_exclusive()
-        too_big = [
-            r
-            for p, r in zip(pending, live, strict=True)
-            if p.holds_blocks + self._blocks_for(r.pending, copies=False) > pool.num_blocks
-        ]
-        if too_big:
-            message = (
-                f"request does not fit in this server's KV cache "
-                f"({pool.num_blocks} blocks of {pool.block_size} tokens)"
+            if p.holds_blocks + self._blocks_for(r.pending, copies=False) > pool.num_blocks:
+                too_big.append(r)
+        size = f"{pool.num_blocks} blocks of {pool.block_size} tokens"
+        for r in too_big:
+            self._finish(
+                r, ev.Failed("invalid_request", f"request does not fit in the KV cache ({size})")
             )
-            for r in too_big:
-                self._finish(r, ev.Failed("invalid_request", message))
+        if too_big:
             return
         if self.prefix_cache.give_back():
             return
