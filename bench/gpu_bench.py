@@ -22,10 +22,9 @@ import argparse
 import json
 import sys
 import time
-import traceback
 
 import torch
-from gpu_probes import StageClock, irg_passes, tally_steps, timed, write_profile
+from gpu_probes import StageClock, irg_passes, run_phase, tally_steps, timed, write_profile
 
 from irg_engine import events
 from irg_engine.config import BagelConfig, EngineConfig, LMConfig, ViTConfig
@@ -214,24 +213,6 @@ def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
         "stages_of_first": clocks[0].marks,
         "runner_steps": steps,  # the rest of `seconds` is host work and image encodes/decodes
     }
-
-
-def run_phase(result: dict, name: str, fn, out: str | None) -> None:
-    """Run one phase; a failure is recorded and the remaining phases still run."""
-    t0 = time.perf_counter()
-    print(f"[gpu_bench] {name} ...", file=sys.stderr, flush=True)
-    try:
-        with torch.no_grad():
-            fn()
-    except Exception as e:  # a benchmark reports every phase it can
-        traceback.print_exc()
-        result.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-    print(
-        f"[gpu_bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True
-    )
-    if out:  # written after every phase: a run cut short still leaves what it measured
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:

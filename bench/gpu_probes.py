@@ -1,10 +1,14 @@
-"""The full-size benchmark's instruments: timing with device syncs, profiler tables, per-stage
-clocks of a request, a tally of the runner's steps by kind and the count of an IRG request's
-denoising passes (`bench/gpu_bench.py` uses them)."""
+"""The full-size benchmark's instruments: phases that report what they measured even when one
+fails, timing with device syncs, profiler tables, per-stage clocks of a request, a tally of the
+runner's steps by kind and the count of an IRG request's denoising passes (`bench/gpu_bench.py`
+uses them)."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
+import traceback
 
 import torch
 
@@ -13,6 +17,24 @@ from irg_engine.engine import Engine
 from irg_engine.recipes.params import FIRST_IMAGE, REFINE_IMAGE, Observer, RecipeParams
 from irg_engine.recipes.work import DecodeStep, Velocity
 from irg_engine.runner import Scheduled
+
+
+def run_phase(result: dict, name: str, fn, out: str | None) -> None:
+    """Run one phase; a failure is recorded and the remaining phases still run."""
+    t0 = time.perf_counter()
+    print(f"[gpu_bench] {name} ...", file=sys.stderr, flush=True)
+    try:
+        with torch.no_grad():
+            fn()
+    except Exception as e:  # a benchmark reports every phase it can
+        traceback.print_exc()
+        result.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+    print(
+        f"[gpu_bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True
+    )
+    if out:  # written after every phase: a run cut short still leaves what it measured
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def sync(device: torch.device) -> None:
