@@ -158,8 +158,7 @@ class Engine:
         free theirs."""
         pool, too_big = self.pool, []
         for p, r in zip(pending, live, strict=True):
-            p.holds_blocks = r.contexts.blocks_held
-            p.frees_blocks = r.contexts.blocks_exclusive()
+            p.holds_blocks, p.frees_blocks = r.contexts.block_counts()
             if p.holds_blocks + self._blocks_for(r.pending, copies=False) > pool.num_blocks:
                 too_big.append(r)
         size = f"{pool.num_blocks} blocks of {pool.block_size} tokens"

@@ -59,15 +59,11 @@ class RequestContexts:
             seq.free(self.pool)
         self.owned = []
 
-    @property
-    def blocks_held(self) -> int:
-        """Blocks of this request's contexts, each counted once (forks share theirs)."""
-        return len({b for s in self.owned for b in s.blocks})
-
-    def blocks_exclusive(self) -> int:
-        """Blocks held by this request alone: what a preemption would give back to the pool."""
+    def block_counts(self) -> tuple[int, int]:
+        """Blocks of this request's contexts, each counted once (forks share theirs), and of
+        those the ones held by this request alone: what a preemption would give back."""
         mine = Counter(b for s in self.owned for b in s.blocks)
-        return sum(1 for b, n in mine.items() if self.pool.refs[b] == n)
+        return len(mine), sum(1 for b, n in mine.items() if self.pool.refs[b] == n)
 
 
 class RequestObserver(Observer):
