@@ -10,8 +10,10 @@ Flow of one step: `run(ids, positions, write_slots, seqs, block_size)` fills the
 buffers (ids, RoPE positions, the KV slot each new key goes to, the length of each request's
 context and a `[B, L]` slot index over it, its new token last) on the host and sends them in one
 copy, then replays the bucket's graph (capturing it on first use) and returns the real rows of
-the logits. Padding rows write their key to the scratch slot the runner reserves past the pool's
-slots and attend to that slot alone.
+the logits. The ids may instead be a device tensor (tokens a step launched earlier drew, which
+the host has not read: `decode_ahead.py`); they are copied in on the device. Padding rows write
+their key to the scratch slot the runner reserves past the pool's slots and attend to that slot
+alone.
 
 The slot index is the bulk of that host work (32 requests x 2,048 slots), and from one step to
 the next a row mostly gains one entry: `IndexRows` remembers which context each row of a host
@@ -69,6 +71,18 @@ class Buffers:
     def zeros(b: int, length: int, device: torch.device, pinned: bool = False) -> Buffers:
         flat = torch.zeros(4 * b + b * length, dtype=torch.long, device=device, pin_memory=pinned)
         return Buffers(flat, *flat[: 4 * b].view(4, b), flat[4 * b :].view(b, length))
+
+
+@dataclass(slots=True)
+class Bucket:
+    """One bucket's buffers: the host's block and what its index rows hold, the device's, the
+    replay (None until captured) and the event of the last copy from the host block."""
+
+    host: Buffers
+    rows: IndexRows
+    device: Buffers
+    replay: Replay | None
+    copied: torch.cuda.Event | None  # None off CUDA, where copies are synchronous
 
 
 # A row that gained more entries than this since its block was last used is rebuilt instead.
@@ -152,9 +166,7 @@ class DecodeGraphs:
         self.scratch, self.capture = scratch_slot, capture
         self.max_batch = batch_bucket(max_batch)
         self.device = model.bagel.device
-        # Per bucket: the host's block and what its index rows hold, the device's, the replay.
-        self._graphs: dict[tuple[int, int], tuple[Buffers, IndexRows, Buffers, Replay | None]]
-        self._graphs = {}
+        self._graphs: dict[tuple[int, int], Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     @property
@@ -166,7 +178,7 @@ class DecodeGraphs:
 
     def run(
         self,
-        ids: list[int],
+        ids: list[int] | torch.Tensor,
         positions: list[int],
         write_slots: list[int],
         seqs: list[KVSequence],
@@ -175,31 +187,45 @@ class DecodeGraphs:
         """Logits `[len(ids), vocab]` (float32, on the device; a copy, not the graph's output
         buffer) of one decode token per request.
 
-        `seqs[i]` is request i's context, its new token already reserved (last).
+        `seqs[i]` is request i's context, its new token already reserved (last). `ids` on the
+        device are read in stream order, after the work that draws them.
         """
         n = len(ids)
         b = batch_bucket(n)
         length = context_bucket(max(s.length for s in seqs))
         key = (b, length)
         if key not in self._graphs:
-            pinned = self.device.type == "cuda"
-            host = Buffers.zeros(b, length, torch.device("cpu"), pinned)
+            cuda = self.device.type == "cuda"
+            host = Buffers.zeros(b, length, torch.device("cpu"), pinned=cuda)
+            device = Buffers.zeros(b, length, self.device)
+            copied = torch.cuda.Event() if cuda else None
             rows = IndexRows(host.index, self.scratch)
-            self._graphs[key] = (host, rows, Buffers.zeros(b, length, self.device), None)
-        host, rows, buf, replay = self._graphs[key]
-        # Host-side layout first, then one copy: the replay reads device memory only. The last
-        # step's copy from this block is done: its tokens were read back since.
+            self._graphs[key] = Bucket(host, rows, device, None, copied)
+        bucket = self._graphs[key]
+        host, buf = bucket.host, bucket.device
+        if bucket.copied is not None:  # the last copy from this host block must have been made
+            bucket.copied.synchronize()
+        # Host-side layout first, then one copy: the replay reads device memory only.
         pad = b - n
+        fed = ids if isinstance(ids, torch.Tensor) else None
         # Padding rows see their own scratch key (length 1): no empty softmax.
         lengths = [s.length for s in seqs]
-        fields = (ids, 0), (positions, 0), (write_slots, self.scratch), (lengths, 1)
+        fields = (
+            ([0] * n if fed is not None else ids, 0),
+            (positions, 0),
+            (write_slots, self.scratch),
+            (lengths, 1),
+        )
         host.flat[: 4 * b] = torch.tensor([v for real, fill in fields for v in real + [fill] * pad])
-        rows.update(seqs, block_size)
+        bucket.rows.update(seqs, block_size)
         buf.flat.copy_(host.flat, non_blocking=True)
-        if replay is None:  # first use of a bucket: capture it now, on the buffers just filled
-            replay = self._record(buf)
-            self._graphs[key] = (host, rows, buf, replay)
-        return replay()[:n].clone()
+        if bucket.copied is not None:
+            bucket.copied.record()
+        if fed is not None:
+            buf.ids[:n].copy_(fed)
+        if bucket.replay is None:  # first use of a bucket: capture it now, on these buffers
+            bucket.replay = self._record(buf)
+        return bucket.replay()[:n].clone()
 
     def _forward(self, buf: Buffers) -> torch.Tensor:
         bagel = self.model.bagel

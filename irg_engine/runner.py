@@ -11,10 +11,10 @@ block * block_size + offset, as `block_pool.py` hands them out). For each step i
    cache and gathers each segment's context by slot;
 3. hands each item its result: for the decode rows their logits and next tokens, all sampled
    in one call on the device (`sampler.py`), for a denoising step its velocities.
-With decode graphs the decode rows run through `DecodeGraphs` instead, and the step ends by
-launching the next decode step ahead for the requests that will surely take it
-(`decode_ahead.py`). VAE encodes/decodes and the ViT encoder run per item, outside the shared
-forward.
+With decode graphs the decode rows run through `DecodeGraphs` instead, and the next decode step
+of the requests that will take it is launched ahead, before this step's tokens are read where
+they were run ahead themselves (`decode_ahead.py`). VAE encodes/decodes and the ViT encoder run
+per item, outside the shared forward.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from irg_engine.recipes.work import (
     PrefillVit,
     Velocity,
 )
-from irg_engine.sampler import sample_rows
+from irg_engine.sampler import draw_rows
 
 
 def auto_kv_tokens(model: LoadedModel) -> int:
@@ -136,13 +136,14 @@ class Runner:
         und = torch.nonzero(~latent).squeeze(1)
         return ExpertRoutes(und.to(self.device), None, gen_from=latent_rows[0][0] - 1)
 
-    def _decode_only(self, batch: list[Scheduled]) -> None:
+    def _decode_only(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
         """The decode tokens of a step, through the static buffers of `DecodeGraphs` (the rows
-        run ahead last step only collect their results)."""
+        run ahead only collect their results). Returns the items that ran in turn and their
+        tokens on the device."""
         self.ahead.claim(batch)
         batch = [sch for sch in batch if sch.result is None]
         if not batch:
-            return
+            return [], None
         ids, positions, writes = [], [], []
         for sch in batch:
             seq = sch.item.ctx
@@ -151,7 +152,8 @@ class Runner:
             positions.append(seq.rope)
             seq.rope += 1
         seqs = [sch.item.ctx for sch in batch]
-        self._decoded(batch, self.graphs.run(ids, positions, writes, seqs, self.pool.block_size))
+        logits = self.graphs.run(ids, positions, writes, seqs, self.pool.block_size)
+        return batch, self._decoded(batch, logits)
 
     @torch.no_grad()
     def step(self, batch: list[Scheduled]) -> None:
@@ -159,18 +161,20 @@ class Runner:
 
         With decode graphs, the decode tokens run through them (replayed, not launched kernel by
         kernel) and everything else in one packed forward; otherwise all of it is one forward.
-        A graphed step ends by running the next decode step ahead (`decode_ahead.py`). A step
-        that raises leaves every generator it drew from as it found it, since the engine runs
-        the items again (see `Engine._run_batch`).
+        Graphed decode rows run ahead (`decode_ahead.py`): rows claimed from the last step
+        launch the next before this one waits for them, and rows that ran in turn launch theirs
+        at the end. A step that raises leaves every generator it drew from as it found it, since
+        the engine runs the items again (see `Engine._run_batch`).
         """
         for sch in batch:  # a retried item starts afresh
             sch.result = None
         self._drawn = []
         decodes = [sch for sch in batch if isinstance(sch.item, DecodeStep)]
         graphed = self.graphs is not None and bool(decodes) and self.graphs.accepts(len(decodes))
+        in_turn, tokens = [], None
         try:
             if graphed:
-                self._decode_only(decodes)
+                in_turn, tokens = self._decode_only(decodes)
                 batch = [sch for sch in batch if not isinstance(sch.item, DecodeStep)]
             else:
                 self.ahead.claim([])  # nothing here was foreseen: roll every row back
@@ -181,23 +185,25 @@ class Runner:
                 generator.set_state(state)
             self.ahead.step_failed()
             raise
-        if graphed:
-            self.ahead.launch(decodes)
+        if in_turn:
+            self.ahead.launch(in_turn, tokens)
 
-    def _decoded(self, batch: list[Scheduled], logits: torch.Tensor) -> None:
+    def _decoded(self, batch: list[Scheduled], logits: torch.Tensor) -> torch.Tensor:
         """Each decode item's result: its logits row and its next token, all rows sampled at
-        once on the logits' device (only the tokens come back to the host). The generators'
-        states before the draw are kept until the step is over."""
+        once on the logits' device (only the tokens come back to the host; they are returned
+        as drawn, on the device). The generators' states before the draw are kept until the
+        step is over."""
         self._drawn += [
             (s.item.generator, s.item.generator.get_state())
             for s in batch
             if s.item.temperature > 0 and s.item.generator is not None
         ]
-        tokens = sample_rows(
+        drawn = draw_rows(
             logits, [s.item.temperature for s in batch], [s.item.generator for s in batch]
         )
-        for sch, token, row in zip(batch, tokens, logits, strict=True):
+        for sch, token, row in zip(batch, drawn.tolist(), logits, strict=True):
             sch.result = Decoded(token, row)
+        return drawn
 
     def _packed(self, batch: list[Scheduled]) -> None:
         """The batch as one packed forward."""

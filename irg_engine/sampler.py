@@ -80,7 +80,8 @@ def draw_rows(
 
 
 def _pick(rows: list[int], total: int, dev: torch.device) -> slice | torch.Tensor:
-    return slice(None) if len(rows) == total else torch.tensor(rows, device=dev)
+    # An asynchronous copy: a step run ahead draws while the GPU may still run the one before.
+    return slice(None) if len(rows) == total else torch.tensor(rows).to(dev, non_blocking=True)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:

@@ -53,3 +53,65 @@ def test_steps_run_ahead_match_steps_run_in_turn(tiny_model):
     for runner, (contexts, _) in zip(runners, seqs, strict=True):
         contexts.free_all()
         assert runner.pool.num_used == 0
+
+
+def test_a_row_launched_from_the_stop_token_gives_back_its_draw_at_once(tiny_model):
+    """A claimed row launches the next step before its token is read; when that token turns out
+    to be the stop token, the program ends and draws from its generator before any later step:
+    the draw made for the row run ahead must already be undone by then."""
+    runners = [
+        Engine(tiny_model, EngineConfig(decode_graphs="static", decode_ahead=ahead)).runner
+        for ahead in (True, False)
+    ]
+    sampled = []
+    for runner in runners:
+        contexts = RequestContexts(runner.pool)
+        seq = contexts.new("hot")
+        runner.step([Scheduled(PrefillText(seq, [100, 101, 102]), 3)])
+        gen = torch.Generator().manual_seed(11)
+        token, drawn = 5, []
+        for _ in range(5):
+            sch = Scheduled(DecodeStep(seq, token, 1.0, gen, stop_token=None), 1)
+            runner.step([sch])
+            token = sch.result.token
+            drawn.append(token)
+        sampled.append((runner, contexts, seq, gen, drawn))
+    assert sampled[0][4] == sampled[1][4]
+    # The next step's drawn token is the stop token: found on the runner without decode-ahead.
+    _, _, seq, gen, drawn = sampled[1]
+    probe = Scheduled(DecodeStep(seq, drawn[-1], 1.0, gen), 1)
+    sampled[1][0].step([probe])
+    stop = probe.result.token
+    runner, contexts, seq, gen, drawn = sampled[0]
+    last = Scheduled(DecodeStep(seq, drawn[-1], 1.0, gen, stop_token=stop), 1)
+    runner.step([last])  # claimed, and the step after it launched before `stop` was read
+    assert last.result.token == stop and runner.ahead.used >= 5
+    assert all(not row.live for g in runner.ahead.pending for row in g.rows)
+    # The program ends here and draws from its generator: as if nothing had run ahead.
+    after = [float(torch.rand((), generator=s[3])) for s in sampled]
+    assert after[0] == after[1]
+    runner.ahead.claim([])
+    for runner, contexts, *_ in sampled:
+        contexts.free_all()
+        assert runner.pool.num_used == 0
+
+
+def test_a_claiming_step_launches_the_next_before_reading_its_tokens(tiny_model):
+    runner = Engine(tiny_model, EngineConfig(decode_graphs="static")).runner
+    contexts = RequestContexts(runner.pool)
+    seq = contexts.new("greedy")
+    runner.step([Scheduled(PrefillText(seq, [100, 101, 102]), 3)])
+    token = 5
+    for _ in range(4):
+        sch = Scheduled(DecodeStep(seq, token), 1)
+        runner.step([sch])
+        token = sch.result.token
+        (group,) = runner.ahead.pending
+        (row,) = group.rows
+        # Launched in this step, fed this step's token (known to the host by its end).
+        assert row.live and row.token == token and row.length == seq.length
+    assert runner.ahead.used == 3 and runner.ahead.rolled_back == 0
+    runner.ahead.claim([])
+    assert runner.ahead.rolled_back == 1
+    contexts.free_all()
+    assert runner.pool.num_used == 0
