@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import traceback
 
@@ -80,16 +81,23 @@ class StageClock(Observer):
 
 
 def step_kind(batch: list[Scheduled]) -> str:
+    """with_denoise, decode_only, or the other step's item kinds (e.g. `PrefillText+PrefillVit`)."""
     kinds = {type(s.item) for s in batch}
     if Velocity in kinds:
         return "with_denoise"
-    return "decode_only" if kinds == {DecodeStep} else "other"
+    if kinds == {DecodeStep}:
+        return "decode_only"
+    return "+".join(sorted(k.__name__ for k in kinds))
 
 
 def tally_steps(engine: Engine) -> dict:
-    """Seconds and counts of the runner's steps by kind (each step ends in a host sync)."""
+    """Seconds and counts of the runner's steps by kind (each step ends in a host sync), and of
+    the image jobs beside them (`image_jobs`: wall time from a job's start until its kernels
+    are done; they share the device's queue with the steps, so a job also waits for the
+    steps' kernels queued before its own). Other steps are keyed by their item kinds."""
     tally: dict = {}
-    step = engine.runner.step
+    runner = engine.runner
+    step = runner.step
 
     def timed_step(batch: list[Scheduled]) -> None:
         t0 = time.perf_counter()
@@ -99,7 +107,26 @@ def tally_steps(engine: Engine) -> dict:
         entry["items"] += len(batch)
         entry["seconds"] += time.perf_counter() - t0
 
-    engine.runner.step = timed_step
+    jobs: dict = {}
+
+    def timed_job(name: str, fn):
+        def job(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            sync(out.device)
+            with lock:
+                entry = jobs.setdefault(name, {"jobs": 0, "seconds": 0.0})
+                entry["jobs"] += 1
+                entry["seconds"] += time.perf_counter() - t0
+            return out
+
+        return job
+
+    lock = threading.Lock()  # jobs run on the image workers' threads
+    runner.step = timed_step
+    runner.encode_latent = timed_job("encode_latent", runner.encode_latent)
+    runner.decode_latents = timed_job("decode_latents", runner.decode_latents)
+    tally["image_jobs"] = jobs
     return tally
 
 
