@@ -1,4 +1,5 @@
-"""Host memory for torch on the CPU: large blocks stay in the malloc heap for reuse.
+"""Host memory for torch: large blocks stay in the malloc heap for reuse, and host tensors go
+to a GPU through pinned memory without waiting for it.
 
 glibc maps every block at or above its mmap threshold (at most 32 MiB, and a 512x512 VAE
 activation of 32 channels is exactly 32 MiB) afresh and unmaps it on free, so each such tensor
@@ -12,12 +13,20 @@ Every thread also allocates from the one main heap. glibc otherwise gives other 
 arenas, whose heaps are at most 64 MiB and are trimmed and unmapped as they empty, so the engine's
 image worker paid the same faults: a 512 px VAE encode took 1.17 s there against 0.77 s on the
 main thread (one torch thread each); with one arena both take 0.77 s.
+
+`upload` is the other half. A plain host-to-GPU copy (`.to(device)`) synchronises the stream:
+the host waits for every kernel already queued. A step that builds its inputs from many small host
+tensors (slot indices, positions, marker ids) then stalls the host once per tensor behind the
+kernels already queued (a decode step run ahead, the last step's denoising). Staged through
+pinned memory, the copies are queued like kernels and the host goes on.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+
+import torch
 
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -46,3 +55,11 @@ def keep_large_blocks(limit: int = KEEP_BYTES) -> bool:
             (M_ARENA_MAX, 1),
         )
     )
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; from the host to a GPU, queued without waiting."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    # The caching host allocator keeps the pinned block until the copy has run.
+    return t.pin_memory().to(device, non_blocking=True)

@@ -23,6 +23,7 @@ import torch
 from irg_engine.attention import segment_attention
 from irg_engine.attention.decode import decode_attention
 from irg_engine.block_pool import KVSequence, blocks_for
+from irg_engine.host_memory import upload
 
 if TYPE_CHECKING:
     from irg_engine.runner import Runner
@@ -77,7 +78,7 @@ class PagedPlan:
     def __init__(self, runner: Runner, segments: list[Segment], write_slots: list[int]) -> None:
         self.runner = runner
         dev, bs = runner.device, runner.pool.block_size
-        self.write = torch.tensor(write_slots, device=dev) if write_slots else None
+        self.write = upload(torch.tensor(write_slots), dev) if write_slots else None
         decodes = 0  # leading one-token causal segments: the decode tokens
         while decodes < len(segments) and _one_token(segments[decodes], decodes):
             decodes += 1
@@ -86,16 +87,16 @@ class PagedPlan:
             seqs = [s.seq for s in segments[:decodes]]
             lengths = [s.length for s in seqs]
             index, mask = slot_index([s.blocks for s in seqs], lengths, bs)
-            self.decode_index = index.to(dev)
-            self.decode_lengths = torch.tensor(lengths, device=dev)
+            self.decode_index = upload(index, dev)
+            self.decode_lengths = upload(torch.tensor(lengths), dev)
             # Additive, in the compute dtype (as SDPA would convert a boolean mask in every
             # layer), built once per step.
             dtype = runner.model.bagel.dtype
             self.decode_mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(
-                ~mask.to(dev), float("-inf")
+                upload(~mask, dev), float("-inf")
             )
         self.others = [
-            (s, sequence_slots(s.seq, bs).to(dev)) for s in segments[self.decodes :]
+            (s, upload(sequence_slots(s.seq, bs), dev)) for s in segments[self.decodes :]
         ]  # written segments: context and own slots; others: context slots
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

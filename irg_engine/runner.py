@@ -28,6 +28,7 @@ from irg_engine import packed_head
 from irg_engine.block_pool import BlockPool, KVSequence
 from irg_engine.decode_ahead import DecodeAhead
 from irg_engine.decode_graph import DecodeGraphs
+from irg_engine.host_memory import upload
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.model.lm import UND, ExpertRoutes
 from irg_engine.paged_plan import PagedPlan, Segment, sequence_slots
@@ -134,7 +135,7 @@ class Runner:
         for start, end in latent_rows:
             latent[start:end] = True
         und = torch.nonzero(~latent).squeeze(1)
-        return ExpertRoutes(und.to(self.device), None, gen_from=latent_rows[0][0] - 1)
+        return ExpertRoutes(upload(und, self.device), None, gen_from=latent_rows[0][0] - 1)
 
     def _decode_only(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
         """The decode tokens of a step, through the static buffers of `DecodeGraphs` (the rows
@@ -231,8 +232,8 @@ class Runner:
         n = len(ids)
         rows, pos = [], []
         if ids:
-            rows.append(bagel.embed_text(torch.tensor(ids, device=dev)))
-            pos.append(torch.tensor(positions, device=dev))
+            rows.append(bagel.embed_text(upload(torch.tensor(ids), dev)))
+            pos.append(upload(torch.tensor(positions), dev))
         spans: dict[int, list[tuple[int, int]]] = {}
         latent_rows: list[tuple[int, int]] = []  # the generation expert's rows
         for sch in batch[len(segments) :]:
@@ -243,7 +244,7 @@ class Runner:
             elif isinstance(item, PrefillLatent):
                 blocks = [(bagel.context_latent_rows(item.latent), True, item.ctx, True)]
             else:
-                inner = bagel.embed_vit(item.patches.to(dev), item.ids.to(dev))
+                inner = bagel.embed_vit(upload(item.patches, dev), upload(item.ids, dev))
                 blocks = [(inner, False, item.ctx, True)]
             for inner, latent, seq, keep in blocks:
                 x, p, _ = bagel.image_block(inner, latent, markers, seq.rope)

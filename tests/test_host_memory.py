@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from irg_engine.host_memory import keep_large_blocks
+from irg_engine.host_memory import keep_large_blocks, upload
 
 
 class MallInfo2(ctypes.Structure):
@@ -43,7 +43,7 @@ THREAD_HEAPS = textwrap.dedent(
     """
     import ctypes, ctypes.util, os, re, tempfile, threading
     import torch
-    from irg_engine.host_memory import keep_large_blocks
+    from irg_engine.host_memory import keep_large_blocks, upload
 
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.fopen.restype = ctypes.c_void_p
@@ -86,3 +86,23 @@ def test_other_threads_allocate_from_the_main_heap():
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) == 1
+
+
+def test_upload_off_the_gpu_is_a_plain_copy():
+    t = torch.arange(6).view(2, 3)
+    assert torch.equal(upload(t, torch.device("cpu")), t)
+
+
+@pytest.mark.gpu
+def test_upload_to_the_gpu_is_queued_and_exact():
+    dev = torch.device("cuda")
+    busy = torch.randn(4096, 4096, device=dev)
+    for _ in range(20):  # a queue of kernels the upload must not wait for, nor overtake
+        busy = busy @ busy / 64
+    t = torch.randint(0, 1 << 40, (1000,))
+    expected = t.clone()
+    up = upload(t, dev)
+    t.zero_()  # the host tensor may change once upload returns
+    assert up.device.type == "cuda" and torch.equal(up.cpu(), expected)
+    assert torch.isfinite(busy).all()
+    assert upload(up, dev) is up  # already there: no copy

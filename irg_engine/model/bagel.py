@@ -20,6 +20,7 @@ from torch import nn
 from irg_engine import images
 from irg_engine.attention import AttentionPlan
 from irg_engine.config import BagelConfig
+from irg_engine.host_memory import upload
 from irg_engine.model.embed import PositionTable, TimestepEmbedder
 from irg_engine.model.lm import ExpertRoutes, LanguageModel
 from irg_engine.model.vae import AutoEncoder
@@ -66,9 +67,9 @@ class Bagel(nn.Module):
         """Rows of latent tokens `[h*w, C*p*p]` laid out on an h x w grid, all at timestep t."""
         h, w = grid
         dev = self.device
-        pos = images.latent_position_ids(h, w, self.cfg.max_latent_size).to(dev)
+        pos = upload(images.latent_position_ids(h, w, self.cfg.max_latent_size), dev)
         tt = torch.full((h * w,), float(t), device=dev)
-        return self.embed_latents(tokens.to(dev), tt, pos)
+        return self.embed_latents(upload(tokens, dev), tt, pos)
 
     def context_latent_rows(self, latent: torch.Tensor) -> torch.Tensor:
         """Rows of a clean latent `[1, C, 2h, 2w]` entering as context (timestep 0)."""
@@ -85,7 +86,7 @@ class Bagel(nn.Module):
         understanding expert, the inner rows the generation expert when `gen`.
         """
         dev = self.device
-        ends = self.embed_text(torch.tensor(markers, dtype=torch.long, device=dev))
+        ends = self.embed_text(upload(torch.tensor(markers, dtype=torch.long), dev))
         x = torch.cat([ends[:1], inner.to(ends.dtype), ends[1:]])
         mask = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
         mask[1:-1] = gen
