@@ -91,10 +91,14 @@ def step_kind(batch: list[Scheduled]) -> str:
 
 
 def tally_steps(engine: Engine) -> dict:
-    """Seconds and counts of the runner's steps by kind (each step ends in a host sync), and of
+    """Seconds and counts of the runner's steps by kind, and of
     the image jobs beside them (`image_jobs`: wall time from a job's start until its kernels
     are done; they share the device's queue with the steps, so a job also waits for the
-    steps' kernels queued before its own). Other steps are keyed by their item kinds."""
+    steps' kernels queued before its own). Other steps are keyed by their item kinds.
+
+    A step's seconds are the host's: a step waits for the device only where it reads decode
+    tokens back, so the device time of steps that only queue work (denoising, prefill) lands
+    on the next step or job that waits."""
     tally: dict = {}
     runner = engine.runner
     step = runner.step

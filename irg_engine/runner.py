@@ -270,7 +270,9 @@ class Runner:
         for sch in batch:
             if isinstance(sch.item, Velocity):  # the latent rows, between the two markers
                 spans_ = spans[id(sch)]
-                sch.result = [bagel.velocity(hidden[a + 1 : b - 1]).cpu() for a, b in spans_]
+                # Left on the device: the step ends without waiting for the forward, and the
+                # programs' flow math queues behind it.
+                sch.result = [bagel.velocity(hidden[a + 1 : b - 1]) for a, b in spans_]
 
 
 # Packed row order (see the module docstring); PagedPlan relies on written rows coming first.

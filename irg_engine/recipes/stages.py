@@ -157,6 +157,9 @@ def image_stage(
         use_text, use_img = flow.guidance_active(t, g)
         branches = [full] + ([text_free] if use_text else []) + ([img_free] if use_img else [])
         vs = yield Velocity(branches, x, t, grid)
+        # An executor may answer on its GPU (the engine does, so that no step waits for a copy
+        # back): the latents follow once and stay there.
+        x = x.to(vs[0].device)
         v_tf = vs[1] if use_text else None
         v_if = vs[-1] if use_img else None
         v = flow.combine_guidance(vs[0], v_tf, v_if, g)

@@ -103,7 +103,8 @@ class Decoded:
 @dataclass(slots=True)
 class Velocity:
     """One denoising evaluation: the same noisy tokens queried against each context (one row
-    per guidance branch, never written). The result is one velocity per context."""
+    per guidance branch, never written). The result is one velocity per context, float32, on
+    the executor's device."""
 
     kind: ClassVar[str] = "denoise"
 
