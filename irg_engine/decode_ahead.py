@@ -12,8 +12,11 @@ So a step that claims rows run ahead first launches the step after it, fed on th
 the tokens of the rows it claims (not yet read back), and only then waits for those tokens: the
 GPU runs the next step while the host does everything else. `_launch` reserves each row's next
 KV slot (held back, not counted: programs still see their context as it is), replays the decode
-graph and draws the next tokens on the device, all without waiting. A step whose decode rows
-ran in turn (nothing ahead matched them) launches theirs at its end, from tokens it has read.
+graph and draws the next tokens on the device, all without waiting; it also queues the copy of
+those tokens to the host right behind their draw, with an event after it, so that reading them
+waits for nothing queued later (a plain `.tolist()` at the next step would wait for the step
+launched in between). A step whose decode rows ran in turn (nothing ahead matched them) launches
+theirs at its end, from tokens it has read.
 
 At the next step `claim` matches the rows with that step's decode items (same context, same
 token, same sampling, nothing appended meanwhile); every other row is rolled back: its held
@@ -72,6 +75,14 @@ class Ahead:
     rows: list[AheadRow]
     logits: torch.Tensor  # [rows, vocab], on the device
     tokens: torch.Tensor  # [rows], on the device
+    host: torch.Tensor  # the tokens' copy on the host, made once they are drawn
+    ready: torch.cuda.Event | None  # recorded after that copy (None off CUDA: no wait needed)
+
+    def read(self) -> list[int]:
+        """The tokens, as soon as they are drawn; not after the work queued since."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 class DecodeAhead:
@@ -108,8 +119,9 @@ class DecodeAhead:
         logits = [row for g in groups for row in g.logits]  # views, no copy
         going = [i for i, sch in matched.items() if not sch.item.last]
         launched = self._launch([matched[i].item for i in going], tokens, going)
-        # Waits for this step's tokens only: the step launched above already runs.
-        host = tokens.tolist()
+        # Waits for this step's tokens only, copied back as they were drawn: a copy queued now
+        # would wait for the step launched above as well.
+        host = [t for g in groups for t in g.read()]
         for i, sch in matched.items():
             sch.result = Decoded(host[i], logits[i])
         for row, i in zip(launched, going, strict=False):  # launched: all of them or none
@@ -183,7 +195,13 @@ class DecodeAhead:
             return []
         for row in rows:
             row.seq.hold_back(1)
-        self.pending.append(Ahead(rows, logits, drawn))
+        cuda = drawn.device.type == "cuda"
+        host = torch.empty(len(rows), dtype=drawn.dtype, pin_memory=cuda)
+        host.copy_(drawn, non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record()
+        self.pending.append(Ahead(rows, logits, drawn, host, ready))
         return rows
 
     def _undo(self, rows: list[AheadRow]) -> None:
