@@ -84,6 +84,18 @@ def test_sdpa_on_gpu_matches_cpu():
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len", [37, 2048])  # below CUDNN_MIN_ROWS and above
+def test_sdpa_in_bf16_on_gpu_matches_float32_on_either_side_of_the_cudnn_cut(causal, q_len):
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(q_len, 28, 128, generator=g)
+    k, v = (torch.randn(q_len + 300, 4, 128, generator=g) for _ in range(2))
+    ref = segment_attention(q, k, v, causal)
+    out = segment_attention(*(t.cuda().bfloat16() for t in (q, k, v)), causal).float().cpu()
+    assert (out - ref).norm() / ref.norm() < 1e-2
+
+
 def _paged_case(b, heads, kv_heads, dim, lengths, width, dtype, device):
     """Random queries and cache, each row's context scattered over random slots."""
     g = torch.Generator().manual_seed(sum(lengths) + width)

@@ -2,12 +2,24 @@
 
 SDPA's own `is_causal` aligns the mask top-left, which is wrong for a segment that follows a
 cached prefix, so the mask is built here whenever the segment has a context.
+
+On CUDA, segments of fewer than `CUDNN_MIN_ROWS` queries keep off cuDNN's attention. cuDNN
+builds an execution graph for every new (query, key) shape before its first run, and text
+segments rarely repeat a shape: prompts, think chunks and re-tokenised thinks each have their
+own lengths. On the H200, steps of nothing but a few such prefills took 0.5-0.9 s each
+(BENCHMARKS.md, eighth session) where their work is a few ms; serving projects report graph
+builds of hundreds of ms. Image blocks and denoising rows (4,098 queries at 1024 px) repeat
+their shapes at every step, and there cuDNN's kernel is the fastest SDPA has (~540 TFLOP/s).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CUDNN_MIN_ROWS = 1024
+WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -27,12 +39,11 @@ def sdpa_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
             use_causal = True
         else:
             mask = causal_mask(q_len, k_len, q.device)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        is_causal=use_causal,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    kwargs = dict(attn_mask=mask, is_causal=use_causal, enable_gqa=q.shape[1] != k.shape[1])
+    if q.is_cuda and q_len < CUDNN_MIN_ROWS:
+        with sdpa_kernel(WITHOUT_CUDNN):
+            out = F.scaled_dot_product_attention(*args, **kwargs)
+    else:
+        out = F.scaled_dot_product_attention(*args, **kwargs)
     return out.squeeze(0).transpose(0, 1)
