@@ -4,12 +4,14 @@ SDPA's own `is_causal` aligns the mask top-left, which is wrong for a segment th
 cached prefix, so the mask is built here whenever the segment has a context.
 
 On CUDA, segments of fewer than `CUDNN_MIN_ROWS` queries keep off cuDNN's attention. cuDNN
-builds an execution graph for every new (query, key) shape before its first run, and text
-segments rarely repeat a shape: prompts, think chunks and re-tokenised thinks each have their
-own lengths. On the H200, steps of nothing but a few such prefills took 0.5-0.9 s each
-(BENCHMARKS.md, eighth session) where their work is a few ms; serving projects report graph
-builds of hundreds of ms. Image blocks and denoising rows (4,098 queries at 1024 px) repeat
-their shapes at every step, and there cuDNN's kernel is the fastest SDPA has (~540 TFLOP/s).
+builds an execution graph (and may compile a kernel) for a new shape or mask before its first
+run, and text segments rarely repeat a shape: prompts, think chunks and re-tokenised thinks
+each have their own lengths. Serving projects report builds of hundreds of ms, and on the H200
+steps of nothing but a few short prefills took 0.5-0.9 s each (BENCHMARKS.md, eighth session)
+for a few ms of work; whether the builds are the cause is not measured yet. For short segments
+the flash and memory-efficient kernels cost no build and little time. Image blocks and
+denoising rows (4,098 queries at 1024 px) repeat their shapes at every step, and there cuDNN's
+kernel is the fastest SDPA has (~540 TFLOP/s).
 """
 
 from __future__ import annotations
