@@ -103,13 +103,21 @@ def tally_steps(engine: Engine) -> dict:
     runner = engine.runner
     step = runner.step
 
+    slowest: list[dict] = []  # the slowest steps, with their place in the run
+
     def timed_step(batch: list[Scheduled]) -> None:
         t0 = time.perf_counter()
         step(batch)
-        entry = tally.setdefault(step_kind(batch), {"steps": 0, "seconds": 0.0, "items": 0})
+        seconds = time.perf_counter() - t0
+        kind = step_kind(batch)
+        entry = tally.setdefault(kind, {"steps": 0, "seconds": 0.0, "items": 0})
         entry["steps"] += 1
         entry["items"] += len(batch)
-        entry["seconds"] += time.perf_counter() - t0
+        entry["seconds"] += seconds
+        index = sum(e["steps"] for k, e in tally.items() if k not in ("image_jobs", "slowest"))
+        slowest.append({"step": index, "kind": kind, "items": len(batch), "seconds": seconds})
+        slowest.sort(key=lambda e: -e["seconds"])
+        del slowest[SLOWEST:]
 
     jobs: dict = {}
 
@@ -131,7 +139,11 @@ def tally_steps(engine: Engine) -> dict:
     runner.encode_latent = timed_job("encode_latent", runner.encode_latent)
     runner.decode_latents = timed_job("decode_latents", runner.decode_latents)
     tally["image_jobs"] = jobs
+    tally["slowest"] = slowest
     return tally
+
+
+SLOWEST = 6
 
 
 def irg_passes(params: RecipeParams) -> dict[str, int]:
