@@ -3,6 +3,9 @@ fed the drawn token, rolled back (slot and random stream) where it did not."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 
 from irg_engine.config import EngineConfig
@@ -115,3 +118,34 @@ def test_a_claiming_step_launches_the_next_before_reading_its_tokens(tiny_model)
     assert runner.ahead.rolled_back == 1
     contexts.free_all()
     assert runner.pool.num_used == 0
+
+
+@pytest.mark.gpu
+def test_a_claiming_step_does_not_wait_for_the_step_it_launched(tiny_dir):
+    """On CUDA a claim reads its own tokens while the step it launched still runs: with ~1 s of
+    device work queued behind that launch, the claiming step returns at once."""
+    from irg_engine import checkpoint
+
+    model = checkpoint.load(tiny_dir, "cuda", dtype=torch.float32)
+    runner = Engine(model, EngineConfig()).runner
+    contexts = RequestContexts(runner.pool)
+    seq = contexts.new("s")
+    runner.step([Scheduled(PrefillText(seq, [100, 101, 102]), 3)])
+    token = 5
+    for _ in range(3):  # capture, then claiming steps
+        sch = Scheduled(DecodeStep(seq, token), 1)
+        runner.step([sch])
+        token = sch.result.token
+    run = runner.graphs.run
+
+    def slow(*args):
+        out = run(*args)
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of device time behind the launch
+        return out
+
+    runner.graphs.run = slow
+    sch = Scheduled(DecodeStep(seq, token), 1)
+    t0 = time.perf_counter()
+    runner.step([sch])
+    assert time.perf_counter() - t0 < 0.2 and runner.ahead.used == 3
+    torch.cuda.synchronize()
