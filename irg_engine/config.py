@@ -95,8 +95,8 @@ class EngineConfig:
     # Decode-only steps: auto = replayed as CUDA graphs on CUDA, the packed forward elsewhere;
     # off = always the packed forward; static = the graphs' static buffers, run eagerly (tests).
     decode_graphs: str = "auto"
-    # With decode graphs: start the next decode step of the requests that will surely decode
-    # again before their programs see this step's tokens (irg_engine/decode_ahead.py).
+    # With decode graphs: start the next decode step of the requests that decode again (unless
+    # they draw their stop token) before the host reads this step's tokens (decode_ahead.py).
     decode_ahead: bool = True
 
     def __post_init__(self) -> None:
