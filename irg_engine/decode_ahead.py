@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from irg_engine.block_pool import BlockPool, KVSequence, OutOfBlocks
+from irg_engine.host_memory import upload
 from irg_engine.recipes.work import Decoded, DecodeStep
 from irg_engine.sampler import draw_rows
 
@@ -161,9 +162,8 @@ class DecodeAhead:
         if not self.enabled or not items or not runner.graphs.accepts(len(items)):
             return []
         if fed != list(range(len(tokens))):  # else all of them in order: no index copy
-            # (an asynchronous copy: a blocking one would wait for the step still running)
-            index = torch.tensor(fed).to(tokens.device, non_blocking=True)
-            tokens = tokens.index_select(0, index)
+            # (uploaded: a blocking copy would wait for the step still running)
+            tokens = tokens.index_select(0, upload(torch.tensor(fed), tokens.device))
         rows: list[AheadRow] = []
         try:
             for item in items:
@@ -200,7 +200,7 @@ class DecodeAhead:
         host.copy_(drawn, non_blocking=cuda)
         ready = torch.cuda.Event() if cuda else None
         if ready is not None:
-            ready.record()
+            ready.record(torch.cuda.current_stream(drawn.device))
         self.pending.append(Ahead(rows, logits, drawn, host, ready))
         return rows
 

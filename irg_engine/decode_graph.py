@@ -220,7 +220,7 @@ class DecodeGraphs:
         bucket.rows.update(seqs, block_size)
         buf.flat.copy_(host.flat, non_blocking=True)
         if bucket.copied is not None:
-            bucket.copied.record()
+            bucket.copied.record(torch.cuda.current_stream(self.device))
         if fed is not None:
             buf.ids[:n].copy_(fed)
         if bucket.replay is None:  # first use of a bucket: capture it now, on these buffers

@@ -19,6 +19,7 @@ per item, outside the shared forward.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,8 +157,16 @@ class Runner:
         logits = self.graphs.run(ids, positions, writes, seqs, self.pool.block_size)
         return batch, self._decoded(batch, logits)
 
-    @torch.no_grad()
     def step(self, batch: list[Scheduled]) -> None:
+        """Run the batch and store each item's result on it (see `_step`)."""
+        # The model's GPU made current: graph capture, events and streams taken without a
+        # device name go to the current one, which on `cuda:N` is not the model's by itself.
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+            self._step(batch)
+
+    @torch.no_grad()
+    def _step(self, batch: list[Scheduled]) -> None:
         """Run the batch and store each item's result on it.
 
         With decode graphs, the decode tokens run through them (replayed, not launched kernel by

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from irg_engine.host_memory import upload
+
 CDF_BLOCK = 1024
 
 
@@ -50,12 +52,15 @@ def draw_rows(
         return tokens
     picked = _pick(hot, len(temperatures), dev)
     x = logits[picked]
-    inverse = torch.tensor([[1.0 / temperatures[i]] for i in hot]).to(dev, non_blocking=True)
+    inverse = upload(torch.tensor([[1.0 / temperatures[i]] for i in hot]), dev)
     # Drawn before the weights exist: a draw's uniform number never depends on the logits.
-    uniform = torch.tensor(
-        [[float(torch.rand((), generator=generators[i], dtype=torch.float64))] for i in hot],
-        dtype=torch.float64,
-    ).to(dev, non_blocking=True)
+    uniform = upload(
+        torch.tensor(
+            [[float(torch.rand((), generator=generators[i], dtype=torch.float64))] for i in hot],
+            dtype=torch.float64,
+        ),
+        dev,
+    )
     weights = (x - x.amax(1, keepdim=True)).mul_(inverse).exp_()
     rows, n = weights.shape
     full = n - n % CDF_BLOCK
@@ -80,8 +85,8 @@ def draw_rows(
 
 
 def _pick(rows: list[int], total: int, dev: torch.device) -> slice | torch.Tensor:
-    # An asynchronous copy: a step run ahead draws while the GPU may still run the one before.
-    return slice(None) if len(rows) == total else torch.tensor(rows).to(dev, non_blocking=True)
+    # Uploaded: a step run ahead draws while the GPU may still run the one before.
+    return slice(None) if len(rows) == total else upload(torch.tensor(rows), dev)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:

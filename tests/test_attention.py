@@ -155,3 +155,33 @@ def naive_decode(q, keys, values, index, mask):
 
 def rel_l2(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def test_the_cudnn_switch_off_is_shared_by_threads_and_restored_by_the_last():
+    """Two threads in short segments at once: cuDNN stays off until both have left, then comes
+    back as it was (torch's own sdpa_kernel restores per thread and can leave it off)."""
+    import threading
+
+    from irg_engine.attention import sdpa
+
+    inside = threading.Barrier(2)
+    first_left = threading.Event()
+    seen = {}
+
+    def one(name: str, leave_first: bool) -> None:
+        with sdpa._without_cudnn():
+            inside.wait()
+            if not leave_first:
+                first_left.wait()
+                seen[name] = torch.backends.cuda.cudnn_sdp_enabled()
+        if leave_first:
+            first_left.set()
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    threads = [threading.Thread(target=one, args=(n, n == "a")) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["b"] is False  # still off for the thread that stayed
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

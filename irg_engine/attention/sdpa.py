@@ -16,12 +16,37 @@ kernel is the fastest SDPA has (~540 TFLOP/s).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CUDNN_MIN_ROWS = 1024
-WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# torch's backend switches are process-wide: threads that run short segments at once (two
+# engines in one process) share one switch-off, and the last to leave restores the setting.
+_switch = threading.Lock()
+_inside = 0
+_cudnn_was = True
+
+
+@contextmanager
+def _without_cudnn() -> Iterator[None]:
+    global _inside, _cudnn_was
+    with _switch:
+        if _inside == 0:
+            _cudnn_was = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _inside += 1
+    try:
+        yield
+    finally:
+        with _switch:
+            _inside -= 1
+            if _inside == 0:
+                torch.backends.cuda.enable_cudnn_sdp(_cudnn_was)
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -44,7 +69,7 @@ def sdpa_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
     kwargs = dict(attn_mask=mask, is_causal=use_causal, enable_gqa=q.shape[1] != k.shape[1])
     if q.is_cuda and q_len < CUDNN_MIN_ROWS:
-        with sdpa_kernel(WITHOUT_CUDNN):
+        with _without_cudnn():
             out = F.scaled_dot_product_attention(*args, **kwargs)
     else:
         out = F.scaled_dot_product_attention(*args, **kwargs)
