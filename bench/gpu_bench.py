@@ -4,11 +4,15 @@
     python bench/gpu_bench.py --shape tiny --device cpu      (a smoke test of this script)
 
 Nothing is downloaded: the model is built at full size on the device with random weights (the
-real Qwen2.5 tokenizer is built offline). It measures, next to the floors of DESIGN.md section 7:
+real Qwen2.5 tokenizer is built offline). It runs the phases of `gpu_phases.py` and measures,
+next to the floors of DESIGN.md section 7:
 - one denoising pass at 1024x1024 (4096 latent tokens against a 512-token context): time and
   TFLOP/s (matmul + attention FLOPs of the generation expert); the same pass against image 2's
   long context (`--long-context`);
-- decode steps at 1, 8 and 32 requests over ~600-token contexts: time per step, tokens/s;
+- decode steps at 1, 8 and 32 requests over ~600-token contexts: time per step, tokens/s; at 32
+  also without decode-ahead and eager, for comparison;
+- steps of 16 short prompt prefills of lengths no step has seen, as served and with cuDNN's
+  attention allowed for them (a cost per new shape shows here);
 - one IRG request alone (per-stage times) and throughput of `--concurrent` IRG requests, against
   the request's denoising passes (counted from the recipe's guidance; `gpu_probes.irg_passes`):
   at DESIGN.md's floor per pass for the request alone, and at the measured passes, each at its
@@ -24,9 +28,15 @@ import sys
 import time
 
 import torch
-from gpu_probes import StageClock, irg_passes, run_phase, tally_steps, timed, write_profile
+from gpu_phases import (
+    DECODE_MODES,
+    bench_decode,
+    bench_denoise,
+    bench_irg,
+    bench_prefill_shapes,
+)
+from gpu_probes import irg_passes, run_phase
 
-from irg_engine import events
 from irg_engine.config import BagelConfig, EngineConfig, LMConfig, ViTConfig
 from irg_engine.engine import Engine
 from irg_engine.model.bagel import Bagel, LoadedModel
@@ -34,9 +44,6 @@ from irg_engine.model.embed import sincos_2d
 from irg_engine.model.vae import AutoEncoder, VaeConfig
 from irg_engine.qwen_vocab import build_qwen_tokenizer
 from irg_engine.recipes import RecipeParams
-from irg_engine.recipes.work import DecodeStep, PrefillText, Velocity
-from irg_engine.request import Request, RequestContexts
-from irg_engine.runner import Scheduled
 from irg_engine.tiny import tiny_config
 from irg_engine.tokenizer import Tokenizer
 
@@ -87,134 +94,6 @@ def random_model(cfg: BagelConfig, device: torch.device, dtype: torch.dtype) -> 
     )
 
 
-def denoise_flops(cfg: BagelConfig, queries: int, context: int) -> float:
-    lm = cfg.lm
-    h, d = lm.hidden_size, lm.head_dim
-    per_token = (
-        2 * h * lm.num_heads * d + 2 * h * lm.num_kv_heads * d + 3 * h * lm.intermediate_size
-    )
-    attention = 4 * queries * (queries + context) * d * lm.num_heads
-    return 2 * queries * per_token * lm.num_layers + attention * lm.num_layers
-
-
-def bench_denoise(
-    model: LoadedModel,
-    engine: Engine,
-    size: int,
-    repeat: int,
-    long_context: int,
-    profile: str | None = None,
-) -> dict:
-    cfg = model.cfg
-    ctx = RequestContexts(engine.pool)
-    short, long = ctx.new("context"), ctx.new("long")
-    engine.runner.step([Scheduled(PrefillText(short, list(range(100, 612))), 512)])
-    ids = [100 + i % 50000 for i in range(long_context)]
-    engine.runner.step([Scheduled(PrefillText(long, ids), long_context)])
-    grid = (size // 16, size // 16)
-    x = torch.randn(grid[0] * grid[1], cfg.latent_token_dim)
-
-    def passes(*seqs) -> float:
-        item = Velocity(list(seqs), x, 0.5, grid)
-        return timed(lambda: engine.runner.step([Scheduled(item, 1)]), model.bagel.device, repeat)
-
-    seconds = passes(short)
-    write_profile(
-        lambda: engine.runner.step([Scheduled(Velocity([short], x, 0.5, grid), 1)]),
-        model.bagel.device,
-        profile,
-    )
-    three = passes(short, short, short)
-    long_seconds = passes(long)
-    ctx.free_all()
-    flops = denoise_flops(cfg, grid[0] * grid[1] + 2, 512)
-    return {
-        "denoise_ms": seconds * 1e3,
-        "denoise_tflops": flops / seconds / 1e12,
-        "denoise_3_branches_ms": three * 1e3,
-        "denoise_long_context": long_context,
-        "denoise_long_ms": long_seconds * 1e3,
-    }
-
-
-def bench_decode(
-    model: LoadedModel,
-    engine: Engine,
-    batch: int,
-    context: int,
-    steps: int,
-    graphs: bool,
-    profile: str | None = None,
-) -> dict:
-    ctx = RequestContexts(engine.pool)
-    seqs = [ctx.new(f"r{i}") for i in range(batch)]
-    for seq in seqs:
-        engine.runner.step(
-            [Scheduled(PrefillText(seq, list(range(1000, 1000 + context))), context)]
-        )
-    fed = [42] * batch
-
-    def step() -> None:
-        # Each request feeds back its drawn token, as a program does: with graphs, every step
-        # after the first finds its rows already run ahead (irg_engine/decode_ahead.py).
-        items = [Scheduled(DecodeStep(s, t), 1) for s, t in zip(seqs, fed, strict=True)]
-        engine.runner.step(items)
-        fed[:] = [sch.result.token for sch in items]
-
-    kept = engine.runner.graphs
-    if not graphs:
-        engine.runner.graphs = None  # the packed eager forward, for comparison
-    try:
-        seconds = timed(step, model.bagel.device, steps)
-        write_profile(step, model.bagel.device, profile)
-    finally:
-        engine.runner.graphs = kept
-        engine.runner.ahead.claim([])  # the last step's launch, never claimed
-        ctx.free_all()
-    tag = f"decode_{batch}" if graphs else f"decode_eager_{batch}"
-    return {f"{tag}_ms": seconds * 1e3, f"{tag}_tokens_per_s": batch / seconds}
-
-
-def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
-    engine = Engine(model, config)
-    steps = tally_steps(engine)
-    clocks, finals = [], []
-    start = time.perf_counter()
-    for i in range(n):
-        clock = StageClock()
-        clocks.append(clock)
-        params = RecipeParams(
-            f"a bench prompt number {i}",
-            width=args.size,
-            height=args.size,
-            num_timesteps=args.timesteps,
-            max_think_tokens=args.think_tokens,
-            seed=i,
-        )
-        engine.add(
-            Request(
-                str(i),
-                params,
-                lambda e: finals.append(e) if isinstance(e, events.FINAL) else None,
-                observer=clock,
-            )
-        )
-    with torch.no_grad():
-        engine.run_until_idle()
-    total = time.perf_counter() - start
-    engine.close()
-    bad = [f for f in finals if isinstance(f, events.Failed)]
-    if bad:
-        raise RuntimeError(f"IRG requests failed: {bad[:2]}")
-    return {
-        "requests": n,
-        "seconds": total,
-        "requests_per_s": n / total,
-        "stages_of_first": clocks[0].marks,
-        "runner_steps": steps,  # the rest of `seconds` is host work and image encodes/decodes
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -245,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--phases",
         type=lambda v: set(v.split(",")),
-        default={"denoise", "decode", "irg"},
-        help="comma-separated subset of denoise,decode,irg (default: all)",
+        default={"denoise", "decode", "prefill", "irg"},
+        help="comma-separated subset of denoise,decode,prefill,irg (default: all)",
     )
     p.add_argument("--out", help="also write the JSON here, after every phase")
     p.add_argument(
@@ -285,16 +164,20 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     ]
-    for b, graphs in ((1, True), (8, True), (32, True), (1, False), (32, False)):
-        name = f"decode_{b}" if graphs else f"decode_eager_{b}"
+    decodes = ((1, "graphs"), (8, "graphs"), (32, "graphs"), (32, "no_ahead"), (1, "eager"))
+    for b, mode in (*decodes, (32, "eager")):
+        name = f"{DECODE_MODES[mode]}_{b}"
+        profiled = profile(name) if b == 32 and mode != "no_ahead" else None
+        repeat = 10 if mode == "eager" else 20
         steps.append(
             (
                 name,
-                lambda b=b, g=graphs, n=name: bench_decode(
-                    model, engine, b, 600, 20 if g else 10, g, profile(n) if b == 32 else None
+                lambda b=b, m=mode, r=repeat, p=profiled: bench_decode(
+                    model, engine, b, 600, r, m, p
                 ),
             )
         )
+    steps.append(("prefill", lambda: bench_prefill_shapes(model, engine)))
     for name, fn in steps:
         if name.split("_")[0] in args.phases:
             run_phase(result, name, lambda fn=fn: result.update(fn()), args.out)

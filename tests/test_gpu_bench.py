@@ -45,5 +45,8 @@ def test_the_script_runs_every_phase_at_the_tiny_shape(capsys) -> None:
     assert "errors" not in result
     assert result["denoise_long_context"] == 700 and result["denoise_long_ms"] > 0
     assert result["decode_32_tokens_per_s"] > 0 and result["irg_concurrent"]["requests"] == 2
+    assert result["decode_no_ahead_32_tokens_per_s"] > 0
+    for name in ("served", "cudnn"):
+        assert len(result[f"prefill_16_new_shapes_ms_{name}"]) == 2
     assert result["irg_alone_vs_measured_passes"] > 0
     assert result["irg_concurrent_vs_denoise_ceiling"] > 0
