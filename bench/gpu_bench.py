@@ -33,6 +33,7 @@ from gpu_phases import (
     bench_decode,
     bench_denoise,
     bench_irg,
+    bench_paged_attention,
     bench_prefill_shapes,
 )
 from gpu_probes import irg_passes, run_phase
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
+    steps.append(("decode_paged_attention", lambda: bench_paged_attention(device)))
     steps.append(("prefill", lambda: bench_prefill_shapes(model, engine)))
     for name, fn in steps:
         if name.split("_")[0] in args.phases:

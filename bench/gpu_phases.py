@@ -189,3 +189,32 @@ def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
         "stages_of_first": clocks[0].marks,
         "runner_steps": steps,  # the rest of `seconds` is host work and image encodes/decodes
     }
+
+
+def bench_paged_attention(device: torch.device, targets=(264, 528, 1056, 2112)) -> dict:
+    """The paged decode-attention kernel alone at the decode phase's 32-request shape (28 query
+    and 4 kv heads of 128, contexts of 600-631 in a 768-wide index), per call, for several
+    grid targets (`decode.TARGET_PROGRAMS`, the programs it splits contexts into): data for
+    tuning it. Off CUDA (no Triton kernel) it times the torch path once."""
+    from irg_engine.attention import decode
+
+    g = torch.Generator().manual_seed(0)
+    b, slots, width = 32, 65536, 768
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    keys, values = (torch.randn(slots, 4, 128, generator=g).to(device, dtype) for _ in range(2))
+    q = torch.randn(b, 28, 128, generator=g).to(device, dtype)
+    lengths = torch.tensor([600 + i for i in range(b)])
+    # Contexts in 16-token blocks scattered over the cache, as the pool hands them out.
+    blocks = torch.randint(0, slots // 16, (b, width // 16), generator=g)
+    index = (blocks[..., None] * 16 + torch.arange(16)).flatten(1)
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    args = (q, keys, values, index.to(device), mask.to(device), lengths.to(device))
+    kept, result = decode.TARGET_PROGRAMS, {}
+    try:
+        for target in targets if device.type == "cuda" else targets[:1]:
+            decode.TARGET_PROGRAMS = target
+            seconds = timed(lambda: decode.decode_attention(*args), device, 50)
+            result[f"paged_attention_32_us_target_{target}"] = seconds * 1e6
+    finally:
+        decode.TARGET_PROGRAMS = kept
+    return result
