@@ -46,6 +46,7 @@ def test_the_script_runs_every_phase_at_the_tiny_shape(capsys) -> None:
     assert result["denoise_long_context"] == 700 and result["denoise_long_ms"] > 0
     assert result["decode_32_tokens_per_s"] > 0 and result["irg_concurrent"]["requests"] == 2
     assert result["decode_no_ahead_32_tokens_per_s"] > 0
+    assert result["paged_attention_32_us_target_264"] > 0
     for name in ("served", "cudnn"):
         assert len(result[f"prefill_16_new_shapes_ms_{name}"]) == 2
     assert result["irg_alone_vs_measured_passes"] > 0
