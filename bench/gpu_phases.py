@@ -14,6 +14,7 @@ from irg_engine.attention import sdpa
 from irg_engine.config import BagelConfig, EngineConfig
 from irg_engine.engine import Engine
 from irg_engine.model.bagel import LoadedModel
+from irg_engine.paged_plan import slot_index
 from irg_engine.recipes import RecipeParams
 from irg_engine.recipes.work import DecodeStep, PrefillText, Velocity
 from irg_engine.request import Request, RequestContexts
@@ -203,12 +204,11 @@ def bench_paged_attention(device: torch.device, targets=(264, 528, 1056, 2112)) 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     keys, values = (torch.randn(slots, 4, 128, generator=g).to(device, dtype) for _ in range(2))
     q = torch.randn(b, 28, 128, generator=g).to(device, dtype)
-    lengths = torch.tensor([600 + i for i in range(b)])
+    lengths = [600 + i for i in range(b)]
     # Contexts in 16-token blocks scattered over the cache, as the pool hands them out.
-    blocks = torch.randint(0, slots // 16, (b, width // 16), generator=g)
-    index = (blocks[..., None] * 16 + torch.arange(16)).flatten(1)
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    args = (q, keys, values, index.to(device), mask.to(device), lengths.to(device))
+    tables = torch.randint(0, slots // 16, (b, width // 16), generator=g).tolist()
+    index, mask = slot_index(tables, lengths, 16, width)
+    args = (q, keys, values, index.to(device), mask.to(device), torch.tensor(lengths).to(device))
     kept, result = decode.TARGET_PROGRAMS, {}
     try:
         for target in targets if device.type == "cuda" else targets[:1]:

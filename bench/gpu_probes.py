@@ -5,6 +5,7 @@ uses them)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import threading
@@ -104,6 +105,7 @@ def tally_steps(engine: Engine) -> dict:
     step = runner.step
 
     slowest: list[dict] = []  # the slowest steps, with their place in the run
+    places = itertools.count(1)
 
     def timed_step(batch: list[Scheduled]) -> None:
         t0 = time.perf_counter()
@@ -114,8 +116,8 @@ def tally_steps(engine: Engine) -> dict:
         entry["steps"] += 1
         entry["items"] += len(batch)
         entry["seconds"] += seconds
-        index = sum(e["steps"] for k, e in tally.items() if k not in ("image_jobs", "slowest"))
-        slowest.append({"step": index, "kind": kind, "items": len(batch), "seconds": seconds})
+        place = next(places)
+        slowest.append({"step": place, "kind": kind, "items": len(batch), "seconds": seconds})
         slowest.sort(key=lambda e: -e["seconds"])
         del slowest[SLOWEST:]
 
