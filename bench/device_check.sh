@@ -20,7 +20,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' | tee -a "$out/gpu.txt"
 timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fused.py tests/test_attention.py \
-    tests/test_engine.py tests/test_host_memory.py tests/test_decode_ahead.py 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
+    tests/test_engine.py tests/test_host_memory.py tests/test_decode_ahead.py tests/test_image_work.py \
+    2>&1 | tail -15 | tee "$out/gpu_tests.txt"
 timeout 120 python3 -m irg_engine.parity --device cuda .golden/{text,vit,vae,t2i,edit,irg}/ \
     2>&1 | tail -12 | tee "$out/parity_cuda.txt"
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/engine_bench.py --preset bagel-7b --random-weights \

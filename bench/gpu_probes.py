@@ -94,8 +94,8 @@ def step_kind(batch: list[Scheduled]) -> str:
 def tally_steps(engine: Engine) -> dict:
     """Seconds and counts of the runner's steps by kind, and of
     the image jobs beside them (`image_jobs`: wall time from a job's start until its kernels
-    are done; they share the device's queue with the steps, so a job also waits for the
-    steps' kernels queued before its own). Other steps are keyed by their item kinds.
+    are done; on CUDA a worker's job runs on its own stream, after the steps queued before its
+    submission and beside the later ones). Other steps are keyed by their item kinds.
 
     A step's seconds are the host's: a step waits for the device only where it reads decode
     tokens back, so the device time of steps that only queue work (denoising, prefill) lands
@@ -127,7 +127,8 @@ def tally_steps(engine: Engine) -> dict:
         def job(*args):
             t0 = time.perf_counter()
             out = fn(*args)
-            sync(out.device)
+            if out.is_cuda:  # this job's stream only: the steps run beside it on another
+                torch.cuda.current_stream(out.device).synchronize()
             with lock:
                 entry = jobs.setdefault(name, {"jobs": 0, "seconds": 0.0})
                 entry["jobs"] += 1

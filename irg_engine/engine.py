@@ -27,7 +27,7 @@ from irg_engine import events as ev
 from irg_engine.attention import resolve_backend
 from irg_engine.block_pool import BlockPool, blocks_for
 from irg_engine.config import EngineConfig, EngineStats
-from irg_engine.image_work import ImageWork
+from irg_engine.image_lane import ImageLane
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.prefix_cache import PrefixCache
 from irg_engine.recipes.work import (
@@ -71,8 +71,9 @@ class Engine:
         self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
         self.healthy, self.fault = True, None
         self.accepting = True
-        self.cpu_threads = cfg.cpu_threads or torch.get_num_threads()
-        self.images = ImageWork(cfg.image_workers, lambda: torch.set_num_threads(1))
+        self.images = ImageLane(
+            self.runner, cfg.image_workers, cfg.cpu_threads or torch.get_num_threads()
+        )
 
     # -- thread-safe entry points -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -123,18 +124,10 @@ class Engine:
         for req in list(self.running.values()):
             self._advance_inline(req)
         live = [r for r in self.running.values() if isinstance(r.pending, LM_WORK)]
-        if live and self.images.queued:
-            # An image job waits for a thread: run it before more model work. The requests behind
-            # it rejoin sooner and in step with the rest, so their next phase batches with everyone
-            # instead of trailing alone (in-process A/B, 8 IRG requests on 2 cores: 11.5 s and
-            # 558 steps vs 12.2 s and ~630 steps when only a backlog of half the requests did).
-            self._take_cores()
-            self.images.steal()
+        if live and self.images.help_before_step():
             return True
         if not live:
-            self._take_cores()
-            if self.images.in_flight and not self.images.steal():  # no model work: help out
-                self.images.wait(0.05)
+            self.images.help_while_idle()
             return bool(self.running)
         pending = [
             Pending(r.id, r.pending.kind, r.pending.tokens, self._blocks_for(r.pending), r.arrival)
@@ -147,7 +140,7 @@ class Engine:
         batch = [
             (self.running[rid], Scheduled(self.running[rid].pending, n)) for rid, n in plan.run
         ]
-        self._take_cores()
+        self.images.take_cores()
         self._run_batch(batch)
         return True
 
@@ -177,14 +170,6 @@ class Engine:
         else:  # every block is held by the requests here and none can go: never hang
             for r in live:
                 self._finish(r, ev.Failed("engine_error", "the KV cache is full and stuck"))
-
-    def _take_cores(self) -> None:
-        """This thread's torch ops get the CPU threads no image worker holds or is about to.
-
-        lm_head and sampling over the vocabulary split well over threads; an image worker runs
-        one. Set before each use: a worker's own setting also moves MKL's process-wide count.
-        """
-        torch.set_num_threads(max(1, self.cpu_threads - self.images.workers_busy))
 
     def _blocks_for(self, item, copies: bool = True) -> int:
         if isinstance(item, Velocity):
@@ -259,21 +244,15 @@ class Engine:
     def _advance_inline(self, req: Request) -> None:
         """Advance the program past work that needs no shared forward.
 
-        VAE encodes and decodes go to a worker thread, so the step loop keeps batching everyone
-        else's model work meanwhile (on a GPU they queue behind it; on a CPU they use another
-        core); the program resumes when `_collect_aux` finds the result.
+        VAE encodes and decodes go to the image lane (`image_lane.py`), so the step loop keeps
+        batching everyone else's model work meanwhile; the program resumes when `_collect_aux`
+        finds the result.
         """
         while isinstance(req.pending, ReadKV):
             self._send(req, self.runner.read_kv(req.pending.ctx))
         item = req.pending
         if isinstance(item, (EncodeLatent, DecodeLatents)):
-            if not self.images.busy(req.id):
-                if isinstance(item, EncodeLatent):
-                    self.images.submit(req.id, req.program, self.runner.encode_latent, item.image)
-                else:
-                    self.images.submit(
-                        req.id, req.program, self.runner.decode_latents, item.x, item.grid
-                    )
+            self.images.submit(req.id, req.program, item)
             return
         if isinstance(item, PrefillText) and item.shared and item.ctx.length == 0:
             key = tuple(item.ids)

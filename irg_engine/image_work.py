@@ -2,12 +2,12 @@
 
 They need no shared forward, and at the published resize rules (an IRG image is re-encoded at
 >= 512 px) they can take longer than many engine steps, so they run on worker threads while the
-loop keeps batching everyone else. A job no worker has taken yet is taken by the loop itself
-before its next step (work stealing, see `Engine.step`), so no core sits idle while images wait.
+loop keeps batching everyone else. The loop may also run a job no worker has taken yet
+(`steal`); when it does is the image lane's policy (`image_lane.py`).
 
-Workers run `thread_init` first (the engine uses it to give each one CPU thread for torch ops);
-`workers_busy` counts those running a job or about to take one, so the loop can take the
-remaining cores.
+Workers run `thread_init` first (the image lane gives each one CPU thread for torch ops and, on
+CUDA, a stream of its own); `workers_busy` counts those running a job or about to take one, so
+the loop can take the remaining cores.
 
 Flow: `submit(request id, program, fn, args)` queues a job; workers (and `steal`) run jobs;
 `finished()` hands back (request id, program, result or exception) for the engine to deliver.

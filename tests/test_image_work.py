@@ -1,14 +1,22 @@
 """ImageWork: jobs beside the step loop, the per-thread init, the count of busy workers, stealing;
-and how the engine splits CPU threads between its loop and the image worker."""
+how the engine splits CPU threads between its loop and the image worker; and the image lane's
+device policy (the loop helps on the CPU; on CUDA jobs run on a worker's stream, ordered after
+the loop's work before them and not behind its work after them)."""
 
 import threading
+import time
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from irg_engine.config import EngineConfig
 from irg_engine.engine import Engine
+from irg_engine.image_lane import ImageLane
 from irg_engine.image_work import ImageWork
 from irg_engine.recipes import RecipeParams
+from irg_engine.recipes.work import DecodeLatents, EncodeLatent
 from irg_engine.request import Request
 
 
@@ -68,7 +76,7 @@ def test_engine_loop_takes_the_cores_no_image_job_holds(tiny_model, monkeypatch)
     step = engine.runner.step
 
     def recording(batch):
-        seen.append((torch.get_num_threads(), engine.images.workers_busy))
+        seen.append((torch.get_num_threads(), engine.images.work.workers_busy))
         step(batch)
 
     monkeypatch.setattr(engine.runner, "step", recording)
@@ -84,3 +92,67 @@ def test_engine_loop_takes_the_cores_no_image_job_holds(tiny_model, monkeypatch)
         engine.close()
     assert (2, 0) in seen  # alone, the loop's ops got both threads
     assert all(threads in (1, 2) for threads, _ in seen)
+
+
+def _finished(lane: ImageLane) -> list:
+    done: list = []
+    while not done:
+        lane.wait(1)
+        done = lane.finished()
+    return done
+
+
+def test_lane_on_cpu_decodes_beside_the_loop_and_lends_the_loop_queued_jobs(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(cpu_threads=2))
+    lane = engine.images
+    grid = (2, 2)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    try:
+        lane.submit("r", "p", DecodeLatents(x, grid))
+        lane.submit("r", "p", DecodeLatents(x, grid))  # one job per request at a time
+        (job,) = _finished(lane)
+        assert job.error is None
+        assert torch.equal(job.result, engine.runner.decode_latents(x, grid))
+        gate = threading.Event()
+        lane.work.submit("blocker", None, gate.wait, 5)  # keeps the only worker busy
+        lane.submit("s", "q", DecodeLatents(x, grid))
+        while lane.work.queued != 1:
+            lane.wait(0.01)
+        assert lane.help_before_step()  # on the CPU the loop runs the queued job itself
+        gate.set()
+        assert not lane.help_before_step()
+    finally:
+        engine.close()
+
+
+@pytest.mark.gpu
+def test_lane_jobs_on_cuda_wait_for_the_loops_stream_and_not_for_later_steps(tiny_dir):
+    """A worker's stream waits for the kernels the loop queued before `submit` (here: ~0.5 s of
+    sleep, then the write of the latents), and not for those queued after it."""
+    from irg_engine import checkpoint
+
+    model = checkpoint.load(tiny_dir, "cuda", dtype=torch.float32)
+    engine = Engine(model, EngineConfig())
+    lane, grid = engine.images, (2, 2)
+    target = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).cuda()
+    image = Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8))
+    try:
+        expected = engine.runner.decode_latents(target, grid)
+        encoded = engine.runner.encode_latent(image)
+        x = torch.zeros_like(target)
+        torch.cuda._sleep(1_000_000_000)
+        x.copy_(target)
+        assert not lane.help_before_step()  # on CUDA the loop never waits on a job this way
+        lane.submit("r", "p", DecodeLatents(x, grid))
+        lane.submit("s", "q", EncodeLatent(image))
+        torch.cuda._sleep(4_000_000_000)  # a long step launched after the jobs
+        t0 = time.perf_counter()
+        jobs = {}
+        while len(jobs) < 2:
+            jobs.update({j.request_id: j for j in _finished(lane)})
+        assert time.perf_counter() - t0 < 1.5  # done long before the ~2 s of later work
+        assert torch.equal(jobs["r"].result, expected)
+        assert torch.equal(jobs["s"].result, encoded)
+    finally:
+        torch.cuda.synchronize()
+        engine.close()
