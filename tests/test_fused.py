@@ -54,3 +54,37 @@ def test_rope_kernel_rounds_like_eager_torch(dtype, heads):
     out, eager = fused._fused_rope(x, cos, sin, torch.empty_like(x)), fused.apply_rope(x, cos, sin)
     # Every product is rounded as eager torch rounds it (no FMA fusion): bitwise the same.
     assert _report(f"rope {dtype} heads={heads}", out, eager) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_rope_kernel_matches_rms_norm_then_rope(dtype):
+    """QK-norm + RoPE in one kernel, reading q and k from the joined projection's rows, against
+    `F.rms_norm` then the eager RoPE: only the order of the sum of squares differs. In float32
+    a head whose 1/rms lands one rounding apart differs in every value by about that; in bf16
+    the rounding to the dtype hides nearly all of it."""
+    if fused.triton is None:
+        pytest.skip("Triton is not installed")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    n, hq, hk, d = 777, 28, 4, 128
+    joined = torch.randn(n, hq + 2 * hk, d, device="cuda", generator=gen).mul_(3).to(dtype)
+    q, k = joined[:, :hq], joined[:, hq : hq + hk]
+    norms = tuple(
+        torch.randn(d, device="cuda", generator=gen).mul_(0.3).add_(1).to(dtype) for _ in "qk"
+    )
+    cos, sin = rope_tables(torch.arange(n, device="cuda") * 5, d, 1e6)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    assert fused._norm_rope_fits(q, k, norms, cos, sin, None)
+    out_q, out_k = torch.empty(n, hq, d, **_like(q)), torch.empty(n, hk, d, **_like(k))
+    fused._fused_norm_rope(q, k, norms, 1e-6, cos, sin, out_q, out_k)
+    for name, out, x, w in (("q", out_q, q, norms[0]), ("k", out_k, k, norms[1])):
+        eager = fused.apply_rope(F.rms_norm(x, (d,), w, eps=1e-6), cos, sin)
+        differ = _report(f"norm+rope {name} {dtype}", out, eager)
+        assert not fused._STATE["norm_rope_broken"]
+        assert dtype == torch.float32 or differ < 0.05
+        scale = eager.float().abs().amax(-1, keepdim=True)
+        assert ((out.float() - eager.float()).abs() <= 4 * torch.finfo(dtype).eps * scale).all()
+
+
+def _like(t: torch.Tensor) -> dict:
+    return {"dtype": t.dtype, "device": t.device}

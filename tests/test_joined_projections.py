@@ -52,7 +52,9 @@ def test_loading_parts_joins_them_and_the_forward_matches_separate_projections()
 
     x = torch.randn(7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        q, k, v = expert.qkv(x, CFG.num_heads, CFG.num_kv_heads)
+        # RoPE at position 0 (cos 1, sin 0) leaves the normed heads as they are.
+        rope = (torch.ones(7, CFG.head_dim), torch.zeros(7, CFG.head_dim))
+        q, k, v = expert.qkv(x, CFG.num_heads, CFG.num_kv_heads, rope)
         h = expert.input_norm(x)
 
         def proj(name: str) -> torch.Tensor:

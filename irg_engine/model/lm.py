@@ -17,7 +17,7 @@ from torch import nn
 
 from irg_engine.attention import AttentionPlan
 from irg_engine.config import LMConfig
-from irg_engine.model.fused import rope_qk, silu_mul
+from irg_engine.model.fused import norm_rope_qk, silu_mul
 
 UND, GEN = 0, 1
 
@@ -135,16 +135,26 @@ class Expert(nn.Module):
                 if all(n in state for n in names):
                     state[f"{prefix}{joined}.{kind}"] = torch.cat([state.pop(n) for n in names])
 
-    def qkv(self, x: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, ...]:
-        """Queries and keys before RoPE, and values, `[rows, heads, head_dim]` (values are a
-        view into the joined projection's output)."""
+    def qkv(
+        self,
+        x: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Queries and keys after QK-norm and RoPE (into `out` if given), and values, `[rows,
+        heads, head_dim]` (values are a view into the joined projection's output)."""
         h = self.input_norm(x)
         q, k, v = (
             self.qkv_proj(h)
             .unflatten(-1, (heads + 2 * kv_heads, -1))
             .split([heads, kv_heads, kv_heads], dim=1)
         )
-        return self.q_norm(q), self.k_norm(k), v
+        qk_norm = isinstance(self.q_norm, RMSNorm)
+        norms = (self.q_norm.weight, self.k_norm.weight) if qk_norm else None
+        eps = self.q_norm.eps if qk_norm else 0.0
+        return *norm_rope_qk(q, k, norms, eps, *rope, out=out), v
 
     def finish(
         self, x: torch.Tensor, attn: torch.Tensor, out: torch.Tensor | None = None
@@ -220,22 +230,23 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.num_kv_heads)
         if routes.everything is not None:  # one expert owns every row: no gather/scatter
-            q, k, v = self.experts[routes.everything].qkv(x, *heads)
-            return *rope_qk(q, k, *rope), v
+            return self.experts[routes.everything].qkv(x, *heads, rope)
         q, k, v = self._empty_qkv(x)
+        cos, sin = rope
         if routes.gen_from is None:
             for e, rows in routes.groups():
-                qe, ke, ve = self.experts[e].qkv(gather(x, rows), *heads)
+                rows_rope = (gather(cos, rows), gather(sin, rows))
+                qe, ke, ve = self.experts[e].qkv(gather(x, rows), *heads, rows_rope)
                 q, k, v = scatter(q, rows, qe), scatter(k, rows, ke), scatter(v, rows, ve)
-            return *rope_qk(q, k, *rope), v
+            return q, k, v
         # The generation expert's slice is written in place; the understanding rows overwrite
         # their places among it (see ExpertRoutes).
-        start, und, (cos, sin) = routes.gen_from, routes.und, rope
-        qg, kg, vg = self.experts[GEN].qkv(x[start:], *heads)
-        rope_qk(qg, kg, cos[start:], sin[start:], out=(q[start:], k[start:]))
+        start, und = routes.gen_from, routes.und
+        gen_rope = (cos[start:], sin[start:])
+        _, _, vg = self.experts[GEN].qkv(x[start:], *heads, gen_rope, out=(q[start:], k[start:]))
         v[start:] = vg
-        qu, ku, vu = self.experts[UND].qkv(x.index_select(0, und), *heads)
-        qu, ku = rope_qk(qu, ku, cos.index_select(0, und), sin.index_select(0, und))
+        und_rope = (cos.index_select(0, und), sin.index_select(0, und))
+        qu, ku, vu = self.experts[UND].qkv(x.index_select(0, und), *heads, und_rope)
         q.index_copy_(0, und, qu)
         k.index_copy_(0, und, ku)
         v.index_copy_(0, und, vu)
