@@ -47,7 +47,11 @@ class ImageLane:
         torch.set_num_threads(1)
         if self.cuda:
             torch.cuda.set_device(self.device)
-            torch.cuda.set_stream(torch.cuda.Stream(self.device))
+            # From the high-priority pool: torch hands out pooled streams round robin, and the
+            # decode graphs capture on a normal-priority one, so after enough draws a worker could
+            # share the capture stream and its kernels would land in a graph. A job's requests
+            # wait on it, so it may as well go first where it overlaps a step.
+            torch.cuda.set_stream(torch.cuda.Stream(self.device, priority=-1))
 
     def submit(self, request_id: str, program: Any, item: EncodeLatent | DecodeLatents) -> None:
         """Queue the item's VAE work (called from the loop's thread, once per item)."""

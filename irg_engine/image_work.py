@@ -17,11 +17,14 @@ restarted or ended meanwhile.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,7 +112,10 @@ class ImageWork:
 
     def _work(self) -> None:
         if self._thread_init is not None:
-            self._thread_init()
+            try:
+                self._thread_init()
+            except Exception:  # a worker without its settings still runs jobs correctly
+                log.exception("image worker set-up failed; it runs jobs without it")
         while True:
             with self._cond:
                 while not self._queue and not self._closed:

@@ -1,4 +1,5 @@
-"""The fused elementwise kernels (Triton, CUDA) against the eager torch ops they replace."""
+"""The fused kernels (Triton, CUDA) against the eager torch ops they replace: `fused.py`'s
+elementwise ones and `fused_norm.py`'s RMSNorm fusions."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from irg_engine.model import fused
+from irg_engine.model import fused, fused_norm
 from irg_engine.model.lm import rope_tables
 
 
@@ -74,16 +75,37 @@ def test_norm_rope_kernel_matches_rms_norm_then_rope(dtype):
     )
     cos, sin = rope_tables(torch.arange(n, device="cuda") * 5, d, 1e6)
     cos, sin = cos.to(dtype), sin.to(dtype)
-    assert fused._norm_rope_fits(q, k, norms, cos, sin, None)
+    assert fused_norm._norm_rope_fits(q, k, norms, cos, sin, None)
     out_q, out_k = torch.empty(n, hq, d, **_like(q)), torch.empty(n, hk, d, **_like(k))
-    fused._fused_norm_rope(q, k, norms, 1e-6, cos, sin, out_q, out_k)
+    fused_norm._fused_norm_rope(q, k, norms, 1e-6, cos, sin, out_q, out_k)
     for name, out, x, w in (("q", out_q, q, norms[0]), ("k", out_k, k, norms[1])):
         eager = fused.apply_rope(F.rms_norm(x, (d,), w, eps=1e-6), cos, sin)
         differ = _report(f"norm+rope {name} {dtype}", out, eager)
-        assert not fused._STATE["norm_rope_broken"]
+        assert not fused_norm._BROKEN["norm_rope"]
         assert dtype == torch.float32 or differ < 0.05
         scale = eager.float().abs().amax(-1, keepdim=True)
         assert ((out.float() - eager.float()).abs() <= 4 * torch.finfo(dtype).eps * scale).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [3584, 64])
+def test_add_norm_kernel_matches_add_then_rms_norm(dtype, width):
+    """The residual sum is bitwise torch's add; its norm differs from `F.rms_norm` only by the
+    order of the sum of squares."""
+    if fused.triton is None:
+        pytest.skip("Triton is not installed")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x, y = (torch.randn(515, width, device="cuda", generator=gen).to(dtype) for _ in "xy")
+    w = torch.randn(width, device="cuda", generator=gen).mul_(0.3).add_(1).to(dtype)
+    total, normed = fused_norm._fused_add_norm(x, y, w, 1e-6)
+    assert torch.equal(total, x + y)
+    eager = F.rms_norm(x + y, (width,), w, eps=1e-6)
+    differ = _report(f"add+norm {dtype} width={width}", normed, eager)
+    assert not fused_norm._BROKEN["add_norm"]
+    assert dtype == torch.float32 or differ < 0.05
+    scale = eager.float().abs().amax(-1, keepdim=True)
+    assert ((normed.float() - eager.float()).abs() <= 4 * torch.finfo(dtype).eps * scale).all()
 
 
 def _like(t: torch.Tensor) -> dict:

@@ -94,10 +94,11 @@ def test_engine_loop_takes_the_cores_no_image_job_holds(tiny_model, monkeypatch)
     assert all(threads in (1, 2) for threads, _ in seen)
 
 
-def _finished(lane: ImageLane) -> list:
-    done: list = []
+def _finished(lane: ImageLane, within: float = 30) -> list:
+    deadline, done = time.monotonic() + within, []
     while not done:
-        lane.wait(1)
+        assert time.monotonic() < deadline, "no image job finished"
+        lane.wait(0.1)
         done = lane.finished()
     return done
 
@@ -139,6 +140,10 @@ def test_lane_jobs_on_cuda_wait_for_the_loops_stream_and_not_for_later_steps(tin
     try:
         expected = engine.runner.decode_latents(target, grid)
         encoded = engine.runner.encode_latent(image)
+        for item in (DecodeLatents(target, grid), EncodeLatent(image)):  # the worker's set-up
+            lane.submit("warm", "w", item)
+            (warm,) = _finished(lane)
+            assert warm.error is None
         x = torch.zeros_like(target)
         torch.cuda._sleep(1_000_000_000)
         x.copy_(target)

@@ -1,9 +1,9 @@
 """The decoder's elementwise steps that Triton fuses on CUDA: the MLP activation `silu(gate) *
-up`, rotate-half RoPE, and QK-norm with RoPE in one kernel. Each has its torch ops as the
-fallback (CPU, no Triton, or a kernel that ever fails). `kernels_usable` / `give_up` are the
-switch every Triton kernel of the engine shares (the paged decode attention too): one failure
-sends all of them to torch (the newest, QK-norm + RoPE, has a switch of its own), and
-`IRG_TRITON=0` in the environment keeps them off from the start.
+up` and rotate-half RoPE (RMSNorm fused with its neighbours is in `fused_norm.py`). Each has its
+torch ops as the fallback (CPU, no Triton, or a kernel that ever fails). `kernels_usable` /
+`give_up` are the switch every Triton kernel of the engine shares (the paged decode attention
+too): one failure sends all of them to torch, and `IRG_TRITON=0` in the environment keeps them
+off from the start.
 
 Why: on the full-size model's 4,096-row denoising pass these steps are memory-bound passes
 over 30-155 MB tensors per layer. Eager silu writes an intermediate that the product reads back
@@ -19,14 +19,6 @@ launches now; the test asserts both):
 Both launch with `enable_fp_fusion=False`: with Triton's default the compiler dropped the
 rounding of each RoPE product to bf16 and fused product and sum into one FMA (18% of bf16
 outputs one rounding off eager torch, 25% of float32 ones).
-
-QK-norm + RoPE (`norm_rope_qk`) reads each row's query and key heads straight from the joined
-q|k|v projection and writes them normed and rotated: one kernel where a layer launched four
-(two RMSNorms, two RoPEs), each of them ~3-4 us in a graphed decode step at 32 requests. It
-normalises as `F.rms_norm` (float32 statistics, `x * rstd * weight` rounded once) and rotates
-like the RoPE kernel; only its sum of squares is added in another order than torch's, so a
-normed value can be one rounding apart. It came after the last GPU run (tested under Triton's
-interpreter, and on CUDA by tests/test_fused.py); a failure of it turns only it off.
 
 The silu kernel reads gate and up from the joined gate|up projection's rows. That addressing
 came after the last GPU run; under Triton's interpreter its outputs are bitwise those of the
@@ -50,7 +42,7 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-_STATE = {"broken": False, "norm_rope_broken": False}
+_STATE = {"broken": False}
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -74,7 +66,7 @@ def rope_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE of queries `[n, Hq, d]` and keys `[n, Hk, d]` with tables `[n, d]`,
     into `out` (two contiguous tensors of those shapes) if given."""
-    if kernels_usable(q, k, cos, sin, *(out or ())) and _rope_fits(q, cos):
+    if kernels_usable(q, k, cos, sin, *(out or ())) and rope_fits(q, cos):
         try:
             out_q, out_k = out or (torch.empty_like(q), torch.empty_like(k))
             return _fused_rope(q, cos, sin, out_q), _fused_rope(k, cos, sin, out_k)
@@ -86,32 +78,6 @@ def rope_qk(
     if out is None:
         return q_rot, k_rot
     return out[0].copy_(q_rot), out[1].copy_(k_rot)
-
-
-def norm_rope_qk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    norms: tuple[torch.Tensor, torch.Tensor] | None,
-    eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rope_qk` of the QK-normed queries `[n, Hq, d]` and keys `[n, Hk, d]` (`norms`: the two
-    RMSNorm weights, None for no QK-norm). q and k may be row-strided views (of the joined
-    projection); each head's d values must be contiguous."""
-    if norms is not None and _norm_rope_fits(q, k, norms, cos, sin, out):
-        try:
-            out_q, out_k = out or (q.new_empty(q.shape), k.new_empty(k.shape))
-            _fused_norm_rope(q, k, norms, eps, cos, sin, out_q, out_k)
-            return out_q, out_k
-        except Exception as error:  # this kernel only: the others keep running
-            _STATE["norm_rope_broken"] = True
-            log.warning("the QK-norm + RoPE kernel failed, using torch ops for it: %s", error)
-    if norms is not None:
-        d = q.shape[-1:]
-        q, k = F.rms_norm(q, d, norms[0], eps=eps), F.rms_norm(k, d, norms[1], eps=eps)
-    return rope_qk(q, k, cos, sin, out)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -152,31 +118,6 @@ def give_up(error: Exception) -> None:
     log.warning("a Triton kernel failed, using torch ops from now on: %s", error)
 
 
-def _norm_rope_fits(q, k, norms, cos, sin, out) -> bool:
-    heads_contiguous = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k))
-    return (
-        not _STATE["norm_rope_broken"]
-        and heads_contiguous
-        and kernels_usable(cos, sin, *norms, *(out or ()))
-        and q.dtype == cos.dtype
-        and k.dtype == q.dtype
-        and _rope_fits(q, cos)
-        and k.shape[0] == q.shape[0]
-    )
-
-
-def _fused_norm_rope(q, k, norms, eps, cos, sin, out_q, out_k) -> None:
-    n, q_heads, dim = q.shape
-    k_heads = k.shape[1]
-    if n:
-        _norm_rope_kernel[(n,)](
-            q, k, q.stride(0), k.stride(0), norms[0], norms[1], cos, sin, out_q, out_k,
-            q_heads, k_heads, eps,
-            HALF=dim // 2, QH=triton.next_power_of_2(q_heads), KH=triton.next_power_of_2(k_heads),
-            enable_fp_fusion=False,
-        )  # fmt: skip
-
-
 SILU_BLOCK = 2048
 
 
@@ -197,7 +138,7 @@ def _fused_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _rope_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
+def rope_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
     half = x.shape[-1] // 2
     return x.shape[-1] % 2 == 0 and not half & (half - 1) and cos.shape == (x.shape[0], 2 * half)
 
@@ -256,51 +197,5 @@ if triton is not None:
         hi = (b.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32) + (
             a.to(tl.float32) * s2.to(tl.float32)
         ).to(dt).to(tl.float32)
-        tl.store(out_ptr + first, lo.to(dt), mask=keep)
-        tl.store(out_ptr + first + HALF, hi.to(dt), mask=keep)
-
-    @triton.jit
-    def _norm_rope_kernel(
-        q_ptr, k_ptr, q_row, k_row, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out, k_out,
-        q_heads, k_heads, eps,
-        HALF: tl.constexpr, QH: tl.constexpr, KH: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        cos_at, sin_at = cos_ptr + row * 2 * HALF, sin_ptr + row * 2 * HALF
-        _norm_rope_heads(
-            q_ptr + row * q_row, qw_ptr, cos_at, sin_at, q_out + row * q_heads * 2 * HALF,
-            q_heads, eps, HALF, QH,
-        )  # fmt: skip
-        _norm_rope_heads(
-            k_ptr + row * k_row, kw_ptr, cos_at, sin_at, k_out + row * k_heads * 2 * HALF,
-            k_heads, eps, HALF, KH,
-        )  # fmt: skip
-
-    @triton.jit
-    def _norm_rope_heads(
-        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps,
-        HALF: tl.constexpr, HEADS: tl.constexpr,
-    ):  # fmt: skip
-        h = tl.arange(0, HEADS)[:, None]
-        i = tl.arange(0, HALF)[None, :]
-        keep = h < heads
-        first = h * 2 * HALF + i
-        a = tl.load(x_ptr + first, mask=keep, other=0.0)
-        b = tl.load(x_ptr + first + HALF, mask=keep, other=0.0)
-        dt = a.dtype
-        a32, b32 = a.to(tl.float32), b.to(tl.float32)
-        mean_square = (tl.sum(a32 * a32, 1) + tl.sum(b32 * b32, 1)) / (2 * HALF)
-        rstd = (1.0 / tl.sqrt_rn(mean_square + eps))[:, None]
-        w1 = tl.load(w_ptr + i).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF + i).to(tl.float32)
-        # RMSNorm rounded once to the dtype, then RoPE rounded as `_rope_kernel` rounds.
-        a = (a32 * rstd * w1).to(dt).to(tl.float32)
-        b = (b32 * rstd * w2).to(dt).to(tl.float32)
-        c1 = tl.load(cos_ptr + i).to(tl.float32)
-        c2 = tl.load(cos_ptr + HALF + i).to(tl.float32)
-        s1 = tl.load(sin_ptr + i).to(tl.float32)
-        s2 = tl.load(sin_ptr + HALF + i).to(tl.float32)
-        lo = (a * c1).to(dt).to(tl.float32) - (b * s1).to(dt).to(tl.float32)
-        hi = (b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)
         tl.store(out_ptr + first, lo.to(dt), mask=keep)
         tl.store(out_ptr + first + HALF, hi.to(dt), mask=keep)

@@ -17,7 +17,8 @@ from torch import nn
 
 from irg_engine.attention import AttentionPlan
 from irg_engine.config import LMConfig
-from irg_engine.model.fused import norm_rope_qk, silu_mul
+from irg_engine.model.fused import silu_mul
+from irg_engine.model.fused_norm import add_rms_norm, norm_rope_qk
 
 UND, GEN = 0, 1
 
@@ -160,8 +161,7 @@ class Expert(nn.Module):
         self, x: torch.Tensor, attn: torch.Tensor, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The residual stream after the output projection and the MLP (into `out` if given)."""
-        x = x + self.o_proj(attn)
-        h = self.post_norm(x)
+        x, h = add_rms_norm(x, self.o_proj(attn), self.post_norm.weight, self.post_norm.eps)
         return torch.add(x, self.down_proj(silu_mul(self.gate_up_proj(h))), out=out)
 
 
