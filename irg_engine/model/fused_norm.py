@@ -86,14 +86,13 @@ def _give_up(kernel: str, error: Exception) -> None:
 def _norm_rope_fits(q, k, norms, cos, sin, out) -> bool:
     """Everything the kernel assumes, so that it never reads or writes out of bounds."""
     n, _, d = q.shape
-    heads_contiguous = all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k))
     return (
         not _BROKEN["norm_rope"]
+        and kernels_usable(cos, sin, *norms, *(out or ()))  # first: false at once on the CPU
         and k.dim() == 3
         and k.shape[0] == n
         and k.shape[2] == d
-        and heads_contiguous
-        and kernels_usable(cos, sin, *norms, *(out or ()))
+        and all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k))
         and q.device == k.device == cos.device
         and q.dtype == k.dtype == cos.dtype
         and rope_fits(q, cos)
