@@ -86,13 +86,11 @@ def _paged(
     acc = q.new_empty(b, kv_heads, splits, rows, dim, dtype=torch.float32)
     # float32 products in full precision, not TF32 (the setting is moot for bf16)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    # The iterations per slice are a plain argument, not a compile-time one: with it a
-    # constant, each new context bucket compiled the kernel again (a Triton compile takes
-    # hundreds of ms), mid-run, while every request in the batch waited.
     _split_kernel[(b, kv_heads, splits)](
         q, keys, values, index, lengths, best, total, acc,
-        width, dim * heads, dim * kv_heads, dim ** -0.5, chunk // BLOCK_N,
-        GROUP=group, ROWS=rows, DIM=dim, BLOCK=BLOCK_N, SPLITS=splits, PRECISION=precision,
+        width, dim * heads, dim * kv_heads, dim ** -0.5,
+        GROUP=group, ROWS=rows, DIM=dim, BLOCK=BLOCK_N, SPLITS=splits, ITERS=chunk // BLOCK_N,
+        PRECISION=precision,
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(b, kv_heads)](
@@ -107,9 +105,9 @@ if triton is not None:
     @triton.jit
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, index_ptr, lengths_ptr, best_ptr, total_ptr, acc_ptr,
-        width, q_row, kv_row, scale, iters,
+        width, q_row, kv_row, scale,
         GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-        SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        SPLITS: tl.constexpr, ITERS: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0).to(tl.int64)
         kv = tl.program_id(1)
@@ -123,12 +121,12 @@ if triton is not None:
             other=0.0,
         )
         length = tl.load(lengths_ptr + b)
-        start = split * iters * BLOCK
-        end = tl.minimum(start + iters * BLOCK, length)
+        start = split * ITERS * BLOCK
+        end = tl.minimum(start + ITERS * BLOCK, length)
         best = tl.full([ROWS], float("-inf"), tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM], tl.float32)
-        for i in range(iters):
+        for i in range(ITERS):
             n0 = start + i * BLOCK
             if n0 < end:  # a slice past the context's end does nothing (best stays -inf)
                 n = n0 + tl.arange(0, BLOCK)
