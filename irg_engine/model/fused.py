@@ -66,7 +66,12 @@ def rope_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE of queries `[n, Hq, d]` and keys `[n, Hk, d]` with tables `[n, d]`,
     into `out` (two contiguous tensors of those shapes) if given."""
-    if kernels_usable(q, k, cos, sin, *(out or ())) and rope_fits(q, cos):
+    if (
+        kernels_usable(q, k, cos, sin, *(out or ()))
+        and rope_fits(q, cos)
+        and rope_fits(k, cos)
+        and sin.shape == cos.shape
+    ):
         try:
             out_q, out_k = out or (torch.empty_like(q), torch.empty_like(k))
             return _fused_rope(q, cos, sin, out_q), _fused_rope(k, cos, sin, out_k)
@@ -139,6 +144,9 @@ def _fused_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """`x [n, heads, d]` with d a power of two and a table row of d per row of x."""
+    if x.dim() != 3:
+        return False
     half = x.shape[-1] // 2
     return x.shape[-1] % 2 == 0 and not half & (half - 1) and cos.shape == (x.shape[0], 2 * half)
 

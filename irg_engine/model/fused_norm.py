@@ -69,7 +69,7 @@ def add_rms_norm(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(x + y, rms_norm(x + y))` over the last dim of `[rows, width]` tensors."""
-    if not _BROKEN["add_norm"] and kernels_usable(x, y, weight) and x.shape == y.shape:
+    if _add_norm_fits(x, y, weight):
         try:
             return _fused_add_norm(x, y, weight, eps)
         except Exception as error:
@@ -83,14 +83,27 @@ def _give_up(kernel: str, error: Exception) -> None:
     log.warning("the %s kernel failed, using torch ops for it from now on: %s", kernel, error)
 
 
+def _add_norm_fits(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Everything the kernel assumes, so that it never reads or writes out of bounds."""
+    return (
+        not _BROKEN["add_norm"]
+        and kernels_usable(x, y, weight)
+        and x.dim() >= 1
+        and x.shape == y.shape
+        and weight.shape == x.shape[-1:]
+        and x.device == y.device == weight.device
+    )
+
+
 def _norm_rope_fits(q, k, norms, cos, sin, out) -> bool:
     """Everything the kernel assumes, so that it never reads or writes out of bounds."""
+    if _BROKEN["norm_rope"] or not kernels_usable(cos, sin, *norms, *(out or ())):
+        return False  # (first: on the CPU the answer comes at once)
+    if q.dim() != 3 or k.dim() != 3:
+        return False
     n, _, d = q.shape
     return (
-        not _BROKEN["norm_rope"]
-        and kernels_usable(cos, sin, *norms, *(out or ()))  # first: false at once on the CPU
-        and k.dim() == 3
-        and k.shape[0] == n
+        k.shape[0] == n
         and k.shape[2] == d
         and all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k))
         and q.device == k.device == cos.device
@@ -124,7 +137,7 @@ def _fused_add_norm(
         block = triton.next_power_of_2(width)
         _add_norm_kernel[(rows,)](
             x, y, weight, total, normed, width, eps,
-            BLOCK=block, num_warps=8 if block >= 2048 else 4, enable_fp_fusion=False,
+            BLOCK=block, num_warps=min(8, max(1, block // 512)), enable_fp_fusion=False,
         )  # fmt: skip
     return total, normed
 
