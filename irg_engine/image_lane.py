@@ -54,7 +54,8 @@ class ImageLane:
             torch.cuda.set_stream(torch.cuda.Stream(self.device, priority=-1))
 
     def submit(self, request_id: str, program: Any, item: EncodeLatent | DecodeLatents) -> None:
-        """Queue the item's VAE work (called from the loop's thread, once per item)."""
+        """Queue the item's VAE work, once: the loop's thread calls this on every pass while the
+        item waits, and a request with a job in flight or undelivered adds nothing."""
         if self.work.busy(request_id):
             return
         if isinstance(item, EncodeLatent):
