@@ -195,8 +195,9 @@ def bench_irg(model: LoadedModel, config: EngineConfig, n: int, args) -> dict:
 def bench_paged_attention(device: torch.device, targets=(264, 528, 1056, 2112)) -> dict:
     """The paged decode-attention kernel alone at the decode phase's 32-request shape (28 query
     and 4 kv heads of 128, contexts of 600-631 in a 768-wide index), per call, for several
-    grid targets (`decode.TARGET_PROGRAMS`, the programs it splits contexts into): data for
-    tuning it. Off CUDA (no Triton kernel) it times the torch path once."""
+    grid targets (`decode.TARGET_PROGRAMS`, the programs it splits contexts into) at 4 and 8
+    warps a program (`decode.SPLIT_WARPS`; keys without `_warps_8` are the 4-warp ones): data
+    for tuning it. Off CUDA (no Triton kernel) it times the torch path once."""
     from irg_engine.attention import decode
 
     g = torch.Generator().manual_seed(0)
@@ -209,12 +210,15 @@ def bench_paged_attention(device: torch.device, targets=(264, 528, 1056, 2112)) 
     tables = torch.randint(0, slots // 16, (b, width // 16), generator=g).tolist()
     index, mask = slot_index(tables, lengths, 16, width)
     args = (q, keys, values, index.to(device), mask.to(device), torch.tensor(lengths).to(device))
-    kept, result = decode.TARGET_PROGRAMS, {}
+    kept, result = (decode.TARGET_PROGRAMS, decode.SPLIT_WARPS), {}
+    cuda = device.type == "cuda"
     try:
-        for target in targets if device.type == "cuda" else targets[:1]:
-            decode.TARGET_PROGRAMS = target
-            seconds = timed(lambda: decode.decode_attention(*args), device, 50)
-            result[f"paged_attention_32_us_target_{target}"] = seconds * 1e6
+        for warps in (4, 8) if cuda else (4,):
+            for target in targets if cuda else targets[:1]:
+                decode.TARGET_PROGRAMS, decode.SPLIT_WARPS = target, warps
+                seconds = timed(lambda: decode.decode_attention(*args), device, 50)
+                suffix = "" if warps == 4 else f"_warps_{warps}"
+                result[f"paged_attention_32_us_target_{target}{suffix}"] = seconds * 1e6
     finally:
-        decode.TARGET_PROGRAMS = kept
+        decode.TARGET_PROGRAMS, decode.SPLIT_WARPS = kept
     return result

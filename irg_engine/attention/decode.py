@@ -28,6 +28,9 @@ if triton is not None:
 BLOCK_N = 64  # context entries per kernel iteration
 TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200
 MAX_SPLITS = 32
+# Warps per split program: Triton's default. For sm_90 the kernel compiles to 255 registers and
+# spills a little at 4; at 8 it does not spill (a review's compile); the GPU bench times both.
+SPLIT_WARPS = 4
 
 
 def decode_attention(
@@ -90,7 +93,7 @@ def _paged(
         q, keys, values, index, lengths, best, total, acc,
         width, dim * heads, dim * kv_heads, dim ** -0.5,
         GROUP=group, ROWS=rows, DIM=dim, BLOCK=BLOCK_N, SPLITS=splits, ITERS=chunk // BLOCK_N,
-        PRECISION=precision,
+        PRECISION=precision, num_warps=SPLIT_WARPS,
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(b, kv_heads)](
