@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from irg_engine.attention.decode import decode_attention
+from irg_engine.attention.kv_write import write_kv
 from irg_engine.block_pool import KVSequence
 from irg_engine.model.bagel import LoadedModel
 from irg_engine.model.lm import UND, ExpertRoutes
@@ -147,8 +148,7 @@ class StaticDecodePlan:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.keys[layer], self.values[layer]
-        kc.index_copy_(0, self.buf.write, k.to(kc.dtype))
-        vc.index_copy_(0, self.buf.write, v.to(vc.dtype))
+        write_kv(kc, vc, self.buf.write, k, v)
         return decode_attention(q, kc, vc, self.buf.index, self.mask, self.buf.lengths)
 
 

@@ -2,7 +2,7 @@
 
 A step's rows are packed in a fixed order (see `Runner.step`): one-token decode segments first,
 then prefill text, then image blocks, then denoising rows. Every segment but the denoising ones
-writes its keys, so the written rows are always the leading ones: one `index_copy_` per layer
+writes its keys, so the written rows are always the leading ones: one `write_kv` per layer
 stores them, with no row gather. The decode segments are attended together in one masked SDPA
 call over a `[B, L]` slot index that `slot_index` expands from the sequences' block tables in a
 handful of tensor ops; every other segment is attended on its own.
@@ -22,6 +22,7 @@ import torch
 
 from irg_engine.attention import segment_attention
 from irg_engine.attention.decode import decode_attention
+from irg_engine.attention.kv_write import write_kv
 from irg_engine.block_pool import KVSequence, blocks_for
 from irg_engine.host_memory import upload
 
@@ -103,8 +104,7 @@ class PagedPlan:
         kc, vc = self.runner.keys[layer], self.runner.values[layer]
         if self.write is not None:
             written = len(self.write)
-            kc.index_copy_(0, self.write, k[:written].to(kc.dtype))
-            vc.index_copy_(0, self.write, v[:written].to(vc.dtype))
+            write_kv(kc, vc, self.write, k[:written], v[:written])
         d = self.decodes
         if d:
             decoded = decode_attention(

@@ -185,3 +185,28 @@ def test_the_cudnn_switch_off_is_shared_by_threads_and_restored_by_the_last():
         t.join()
     assert seen["b"] is False  # still off for the thread that stayed
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_kernel_stores_what_index_copy_stores(dtype):
+    """Keys contiguous, values a row-strided view of a joined projection, as the model hands
+    them over; the cache holds the same bits either way."""
+    from irg_engine.attention import kv_write
+    from irg_engine.model import fused
+
+    if fused.triton is None:
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(5)
+    rows, slots = 37, 4096
+    joined = torch.randn(rows, 28 + 8, 128, generator=g).to("cuda", dtype)
+    k, v = joined[:, 28:32].contiguous(), joined[:, 32:]
+    where = torch.randperm(slots, generator=g)[:rows].to("cuda")
+    caches = [torch.randn(slots, 4, 128, generator=g).to("cuda", dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    expected[0].index_copy_(0, where, k)
+    expected[1].index_copy_(0, where, v)
+    assert kv_write._fits(*caches, where, k, v)
+    kv_write.write_kv(*caches, where, k, v)
+    assert not kv_write._BROKEN["kernel"]
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
