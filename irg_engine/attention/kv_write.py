@@ -48,13 +48,13 @@ def write_kv(
 
 def _fits(keys, values, slots, k, v) -> bool:
     """Everything the kernel assumes, so that it never reads or writes out of bounds."""
-    if _BROKEN["kernel"] or not kernels_usable(keys, values):
+    if _BROKEN["kernel"] or not kernels_usable(keys, values, slots):  # slots contiguous too
+        return False
+    if keys.dim() != 3 or slots.dim() != 1 or slots.dtype != torch.int64:
         return False
     rows, shape = slots.shape[0], keys.shape[1:]
     return (
-        slots.dim() == 1
-        and slots.device == keys.device == k.device == v.device
-        and not slots.is_floating_point()
+        slots.device == keys.device == k.device == v.device
         and k.shape == v.shape == (rows, *shape)
         and values.shape == keys.shape
         and k.dtype == v.dtype == keys.dtype
