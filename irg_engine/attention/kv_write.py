@@ -10,18 +10,12 @@ kernel does not take (another dtype than the cache's, heads not contiguous), the
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from irg_engine.model.fused import kernels_usable, triton
+from irg_engine.model.fused import heads_contiguous, kernel_off, kernels_usable, triton, turn_off
 
 if triton is not None:
     import triton.language as tl
-
-log = logging.getLogger(__name__)
-
-_BROKEN = {"kernel": False}
 
 
 def write_kv(
@@ -40,15 +34,14 @@ def write_kv(
             )  # fmt: skip
             return
         except Exception as error:  # this kernel only: the others keep running
-            _BROKEN["kernel"] = True
-            log.warning("the KV write kernel failed, using index_copy_ from now on: %s", error)
+            turn_off("kv_write", error)
     keys.index_copy_(0, slots, k.to(keys.dtype))
     values.index_copy_(0, slots, v.to(values.dtype))
 
 
 def _fits(keys, values, slots, k, v) -> bool:
     """Everything the kernel assumes, so that it never reads or writes out of bounds."""
-    if _BROKEN["kernel"] or not kernels_usable(keys, values, slots):  # slots contiguous too
+    if kernel_off("kv_write") or not kernels_usable(keys, values, slots):  # slots contiguous too
         return False
     if keys.dim() != 3 or slots.dim() != 1 or slots.dtype != torch.int64:
         return False
@@ -58,7 +51,8 @@ def _fits(keys, values, slots, k, v) -> bool:
         and k.shape == v.shape == (rows, *shape)
         and values.shape == keys.shape
         and k.dtype == v.dtype == keys.dtype
-        and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
+        and heads_contiguous(k)
+        and heads_contiguous(v)
         and rows > 0
     )
 

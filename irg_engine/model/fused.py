@@ -3,7 +3,8 @@ up` and rotate-half RoPE (RMSNorm fused with its neighbours is in `fused_norm.py
 torch ops as the fallback (CPU, no Triton, or a kernel that ever fails). `kernels_usable` /
 `give_up` are the switch every Triton kernel of the engine shares (the paged decode attention
 too): one failure sends all of them to torch, and `IRG_TRITON=0` in the environment keeps them
-off from the start.
+off from the start. Kernels newer than the last GPU run turn only themselves off
+(`kernel_off` / `turn_off`, by name).
 
 Why: on the full-size model's 4,096-row denoising pass these steps are memory-bound passes
 over 30-155 MB tensors per layer. Eager silu writes an intermediate that the product reads back
@@ -42,7 +43,7 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-_STATE = {"broken": False}
+_STATE: dict = {"broken": False, "off": set()}
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -121,6 +122,21 @@ def interpreted() -> bool:
 def give_up(error: Exception) -> None:
     _STATE["broken"] = True
     log.warning("a Triton kernel failed, using torch ops from now on: %s", error)
+
+
+def kernel_off(name: str) -> bool:
+    """The kernel of that name failed once (`turn_off`): its torch ops run from then on."""
+    return name in _STATE["off"]
+
+
+def turn_off(name: str, error: Exception) -> None:
+    _STATE["off"].add(name)
+    log.warning("the %s kernel failed, using torch ops for it from now on: %s", name, error)
+
+
+def heads_contiguous(x: torch.Tensor) -> bool:
+    """`[rows, heads, d]` whose heads lie back to back in each row (rows may be strided)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 SILU_BLOCK = 2048

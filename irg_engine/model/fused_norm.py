@@ -25,19 +25,21 @@ failure of either turns only that kernel off (its torch ops take over), not the 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from irg_engine.model.fused import kernels_usable, rope_fits, rope_qk, triton
-
-log = logging.getLogger(__name__)
+from irg_engine.model.fused import (
+    heads_contiguous,
+    kernel_off,
+    kernels_usable,
+    rope_fits,
+    rope_qk,
+    triton,
+    turn_off,
+)
 
 if triton is not None:
     import triton.language as tl
-
-_BROKEN = {"norm_rope": False, "add_norm": False}
 
 
 def norm_rope_qk(
@@ -58,7 +60,7 @@ def norm_rope_qk(
             _fused_norm_rope(q, k, norms, eps, cos, sin, out_q, out_k)
             return out_q, out_k
         except Exception as error:
-            _give_up("norm_rope", error)
+            turn_off("norm_rope", error)
     if norms is not None:
         d = q.shape[-1:]
         q, k = F.rms_norm(q, d, norms[0], eps=eps), F.rms_norm(k, d, norms[1], eps=eps)
@@ -73,20 +75,15 @@ def add_rms_norm(
         try:
             return _fused_add_norm(x, y, weight, eps)
         except Exception as error:
-            _give_up("add_norm", error)
+            turn_off("add_norm", error)
     total = x + y
     return total, F.rms_norm(total, weight.shape, weight, eps=eps)
-
-
-def _give_up(kernel: str, error: Exception) -> None:
-    _BROKEN[kernel] = True
-    log.warning("the %s kernel failed, using torch ops for it from now on: %s", kernel, error)
 
 
 def _add_norm_fits(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> bool:
     """Everything the kernel assumes, so that it never reads or writes out of bounds."""
     return (
-        not _BROKEN["add_norm"]
+        not kernel_off("add_norm")
         and kernels_usable(x, y, weight)
         and x.dim() >= 1
         and x.shape == y.shape
@@ -97,7 +94,7 @@ def _add_norm_fits(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> bo
 
 def _norm_rope_fits(q, k, norms, cos, sin, out) -> bool:
     """Everything the kernel assumes, so that it never reads or writes out of bounds."""
-    if _BROKEN["norm_rope"] or not kernels_usable(cos, sin, *norms, *(out or ())):
+    if kernel_off("norm_rope") or not kernels_usable(cos, sin, *norms, *(out or ())):
         return False  # (first: on the CPU the answer comes at once)
     if q.dim() != 3 or k.dim() != 3:
         return False
@@ -105,7 +102,8 @@ def _norm_rope_fits(q, k, norms, cos, sin, out) -> bool:
     return (
         k.shape[0] == n
         and k.shape[2] == d
-        and all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k))
+        and heads_contiguous(q)
+        and heads_contiguous(k)
         and q.device == k.device == cos.device
         and q.dtype == k.dtype == cos.dtype
         and rope_fits(q, cos)
