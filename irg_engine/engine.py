@@ -259,6 +259,9 @@ class Engine:
             if not self.prefix_cache.adopt(key, item.ctx):
                 req.prefix_key = key
                 return
+            # Adopted, perhaps after missing it on an earlier pass: the cache holds it, so this
+            # request has nothing to store (its own next prefill is not the prefix).
+            req.prefix_key = None
             req.usage["prompt_tokens"] += len(item.ids)
             self._send(req, None)
             self._advance_inline(req)

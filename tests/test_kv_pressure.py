@@ -15,7 +15,7 @@ from irg_engine.config import EngineConfig
 from irg_engine.engine import Engine
 from irg_engine.recipes import RecipeParams
 from irg_engine.recipes.params import TextOut
-from irg_engine.recipes.work import PrefillText
+from irg_engine.recipes.work import PrefillText, ReadKV
 from irg_engine.request import Request
 
 STEP_CAP = 200  # far more than any case needs: a loop shows as a run that never goes idle
@@ -111,5 +111,34 @@ def test_a_request_that_fills_the_pool_exactly_is_not_refused_for_a_copy(small_e
     eng = small_engine(64, prefix_cache_entries=2)  # 4 blocks
     sinks = run(eng, {"a": prefills((ids(20, 300), True), (ids(44, 1000), False))})
     assert finished(sinks["a"]), sinks["a"][-1]
+    eng.clear_prefix_cache()
+    assert eng.pool.num_used == 0
+
+
+def test_a_request_that_adopts_a_prefix_late_never_stores_its_own_context_under_it(small_engine):
+    """r misses the cached system prompt (s is still computing it), adopts it a step later, and
+    t's prefix then evicts it; when r's own prompt is done, r must not store its context (system
+    prompt + its prompt) as the system prompt, or a later request would start from r's prompt."""
+    eng = small_engine(1024, prefix_cache_entries=1, token_budget=32)
+    system = ids(32, 300)
+    seen = []
+
+    def q(env):
+        ctx = env.contexts.new("main")
+        yield PrefillText(ctx, system, True)
+        keys, _ = yield ReadKV(ctx)
+        seen.append(keys[0].shape[0])
+
+    sinks = run(
+        eng,
+        {
+            "s": prefills((system, True)),
+            "t": prefills((ids(16, 600), True)),
+            "r": prefills((system, True), (ids(96, 1000), False)),
+        },
+    )
+    assert all(finished(s) for s in sinks.values())
+    run(eng, {"q": q})
+    assert seen == [len(system)]
     eng.clear_prefix_cache()
     assert eng.pool.num_used == 0
