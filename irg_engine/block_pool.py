@@ -107,15 +107,18 @@ class KVSequence:
         pool.retain(shared)
         return KVSequence(name, shared, self.length, self.rope)
 
+    def tail(self, pool: BlockPool) -> tuple[int, bool]:
+        """Free slots in the blocks this sequence already holds, and whether its next append
+        copies its last block first (partly filled and shared)."""
+        bs = pool.block_size
+        shared = bool(self.length % bs) and pool.refs[self.blocks[-1]] > 1
+        return len(self.blocks) * bs - self.length, shared
+
     def blocks_needed(self, pool: BlockPool, n: int, copies: bool = True) -> int:
         """Blocks an append of n tokens would take from the pool; with `copies`, the copy of a
         shared last block too (it replaces that block here: this sequence holds no more)."""
-        bs = pool.block_size
-        used_in_last = self.length % bs
-        needed = blocks_for(self.length + n, bs) - len(self.blocks)
-        if copies and used_in_last and pool.refs[self.blocks[-1]] > 1:
-            needed += 1
-        return needed
+        room, shared = self.tail(pool)
+        return blocks_for(max(0, n - room), pool.block_size) + (copies and shared)
 
     def append(self, pool: BlockPool, n: int) -> Append:
         """Reserve n new token slots at the end (all-or-nothing: raises `OutOfBlocks`)."""

@@ -129,10 +129,7 @@ class Engine:
         if not live:
             self.images.help_while_idle()
             return bool(self.running)
-        pending = [
-            Pending(r.id, r.pending.kind, r.pending.tokens, self._blocks_for(r.pending), r.arrival)
-            for r in live
-        ]
+        pending = [self._pending(r) for r in live]
         plan = self.scheduler.plan(pending, self.pool.num_free)
         if not plan.run:
             self._make_room(live, pending)
@@ -152,7 +149,9 @@ class Engine:
         pool, too_big = self.pool, []
         for p, r in zip(pending, live, strict=True):
             p.holds_blocks, p.frees_blocks = r.contexts.block_counts()
-            if p.holds_blocks + self._blocks_for(r.pending, copies=False) > pool.num_blocks:
+            item = r.pending
+            grows = 0 if isinstance(item, Velocity) else r.contexts.growth(item.ctx, item.tokens)
+            if p.holds_blocks + grows > pool.num_blocks:
                 too_big.append(r)
         size = f"{pool.num_blocks} blocks of {pool.block_size} tokens"
         for r in too_big:
@@ -171,10 +170,14 @@ class Engine:
             for r in live:
                 self._finish(r, ev.Failed("engine_error", "the KV cache is full and stuck"))
 
-    def _blocks_for(self, item, copies: bool = True) -> int:
+    def _pending(self, req: Request) -> Pending:
+        """What the scheduler sees of a request's model work (a denoising step writes no KV)."""
+        item = req.pending
         if isinstance(item, Velocity):
-            return 0
-        return item.ctx.blocks_needed(self.pool, item.tokens, copies)
+            return Pending(req.id, item.kind, item.tokens, 0, req.arrival)
+        room, shared = item.ctx.tail(self.pool)
+        blocks = item.ctx.blocks_needed(self.pool, item.tokens)
+        return Pending(req.id, item.kind, item.tokens, blocks, req.arrival, room=room, copy=shared)
 
     def _run_batch(self, batch: list[tuple[Request, Scheduled]]) -> None:
         """Run the step; if it raises, roll it back and run each item alone, so only the

@@ -59,6 +59,14 @@ class RequestContexts:
             seq.free(self.pool)
         self.owned = []
 
+    def growth(self, ctx: KVSequence, n: int) -> int:
+        """Blocks this request holds more once ctx appends n tokens. Copying a shared last block
+        adds one only where another of its own sequences keeps the original; where only others
+        (the prefix cache, other requests) share it, the copy replaces it here."""
+        _, shared = ctx.tail(self.pool)
+        kept = shared and sum(ctx.blocks[-1] in s.blocks for s in self.owned if s is not ctx) > 0
+        return ctx.blocks_needed(self.pool, n, copies=False) + kept
+
     def block_counts(self) -> tuple[int, int]:
         """Blocks of this request's contexts, each counted once (forks share theirs), and of
         those the ones held by this request alone: what a preemption would give back."""

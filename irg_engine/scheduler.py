@@ -39,6 +39,8 @@ class Pending:
     arrival: int  # lower = older
     holds_blocks: int = 0  # blocks this request's contexts hold
     frees_blocks: int = 0  # of those, the ones no one else holds (a preemption frees them)
+    room: int = 0  # free slots in the blocks its context already holds
+    copy: int = 0  # 1 where its next append copies a shared last block first
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,10 +60,6 @@ class Scheduler:
             raise ValueError("token_budget must be positive")
         self.token_budget, self.block_size = token_budget, block_size
 
-    def _chunk_blocks(self, tokens: int) -> int:
-        # An upper bound: the chunk may start mid-block and a shared last block may be copied.
-        return blocks_for(tokens, self.block_size) + 2
-
     def plan(self, pending: list[Pending], free_blocks: int) -> StepPlan:
         plan = StepPlan()
         budget = self.token_budget
@@ -79,8 +77,8 @@ class Scheduler:
                     if take <= 0:
                         continue
                 if take < item.tokens or blocks > free_blocks:  # as much as the free blocks hold
-                    take = min(take, (free_blocks - 2) * self.block_size)
-                    blocks = self._chunk_blocks(take)
+                    take = min(take, item.room + (free_blocks - item.copy) * self.block_size)
+                    blocks = item.copy + blocks_for(max(0, take - item.room), self.block_size)
             elif take > budget and not first.get(group, not plan.run):
                 continue
             if take <= 0 or blocks > free_blocks:

@@ -142,3 +142,29 @@ def test_a_request_that_adopts_a_prefix_late_never_stores_its_own_context_under_
     assert seen == [len(system)]
     eng.clear_prefix_cache()
     assert eng.pool.num_used == 0
+
+
+def test_a_copy_that_its_own_fork_keeps_the_original_of_counts_against_the_pool(small_engine):
+    """a's last block is shared with its own fork, so its next prefill copies it and the fork
+    keeps the original: 2 + 1 + 2 blocks, more than the pool's 4. a alone ends, as too big; the
+    younger b is neither failed with it nor left waiting."""
+
+    def a(env):
+        ctx = env.contexts.new("main")
+        yield PrefillText(ctx, ids(20, 1000))
+        env.contexts.fork(ctx, "text_free")
+        yield PrefillText(ctx, ids(44, 2000))
+
+    eng = small_engine(64)
+    sinks = run(eng, {"a": a, "b": prefills((ids(16, 3000), False))})
+    assert sinks["a"][-1].code == "invalid_request", sinks["a"][-1]
+    assert finished(sinks["b"])
+    assert eng.pool.num_used == 0
+
+
+def test_a_prompt_that_fills_the_pool_exactly_runs_in_chunks_of_a_small_budget(small_engine):
+    # 4 blocks of 16 and a budget of 16: four chunks, the last with no block to spare.
+    eng = small_engine(64, token_budget=16)
+    sinks = run(eng, {"a": prefills((ids(64, 1000), False))})
+    assert finished(sinks["a"]), sinks["a"][-1]
+    assert eng.pool.num_used == 0

@@ -64,12 +64,30 @@ def test_prefills_and_image_blocks_do_not_starve_behind_a_big_denoise():
 
 def test_a_prefill_short_of_kv_blocks_runs_the_chunk_they_hold_and_holds_younger_ones():
     s = Scheduler(token_budget=512, block_size=16)
-    # 5 free blocks hold a chunk of (5 - 2) x 16 tokens (the estimate keeps 2 blocks spare).
+    # 5 free blocks hold a chunk of 5 x 16 tokens.
     plan = s.plan([P("a", "prefill", 300, 20, 0), P("b", "prefill", 10, 1, 1)], free_blocks=5)
-    assert plan.run == [("a", 48)]
+    assert plan.run == [("a", 80)]
     # An older image block that does not fit: younger prefills wait behind it, decodes do not.
     pending = [P("a", "block", 300, 20, 0), P("b", "prefill", 10, 1, 1), P("c", "decode", 1, 1, 2)]
     assert s.plan(pending, free_blocks=5).run == [("c", 1)]
+
+
+def test_a_chunk_fills_the_open_block_and_counts_the_copy_of_a_shared_one():
+    s = Scheduler(token_budget=512, block_size=16)
+    # 6 free slots in its last block, then 2 fresh blocks; nothing left for the younger one.
+    tail = Pending("a", "prefill", 300, 20, 0, room=6)
+    assert s.plan([tail, P("b", "prefill", 10, 1, 1)], free_blocks=2).run == [("a", 38)]
+    # The shared last block is copied first: one of the 2 free blocks goes to the copy.
+    shared = Pending("a", "prefill", 300, 20, 0, room=6, copy=1)
+    assert s.plan([shared], free_blocks=2).run == [("a", 22)]
+    assert s.plan([shared], free_blocks=0).run == []
+
+
+def test_a_prefill_over_the_budget_that_fits_the_pool_exactly_runs_in_chunks():
+    # Two blocks of 64 hold a 101-token prompt; the budget cuts it in two (no blocks spare).
+    s = Scheduler(token_budget=64, block_size=64)
+    assert s.plan([P("a", "prefill", 101, 2, 0)], free_blocks=2).run == [("a", 64)]
+    assert s.plan([Pending("a", "prefill", 37, 1, 0, room=0)], free_blocks=1).run == [("a", 37)]
 
 
 def test_the_victim_is_the_youngest_request_younger_than_the_oldest_that_frees_blocks():
