@@ -119,7 +119,8 @@ def _from_validation(exc: RequestValidationError) -> ApiError:
     if param is None and kind == "model_attributes_type":  # the body is no JSON object
         message = "the request body must be a JSON object, sent as Content-Type: application/json"
         return ApiError(400, "invalid_request", message, "body", err.get("input"))
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden":  # where `Strict` names it, the field is in the context
+        param = ".".join([*loc, ctx["param"]]) if "param" in ctx else param
         return ApiError(400, "unknown_parameter", f"unknown parameter {param}", param)
     message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
     return ApiError(400, "invalid_parameter", message, param, err.get("input"), limit)
