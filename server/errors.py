@@ -134,7 +134,15 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _from_validation(exc).response()
 
 
+# FastAPI's answer to a body its JSON reader raised on with something other than a decode error
+# (invalid UTF-8, nesting past the recursion limit, an integer of over 4,300 digits).
+_UNPARSED_BODY = "There was an error parsing the body"
+
+
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _UNPARSED_BODY:
+        why = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unreadable"
+        return ApiError(400, "invalid_json", f"request body is not valid JSON: {why}").response()
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers).response()
 

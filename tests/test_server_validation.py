@@ -223,6 +223,14 @@ def test_unknown_missing_and_malformed(http):
     }
     r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    # JSON that Python's reader refuses otherwise than with a decode error: the same code.
+    for body in (
+        b'{"prompt": "\xff"}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"seed": ' + b"9" * 5000 + b"}",
+    ):
+        r = http.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
     r = http.post("/generate", content=b"", headers={"content-type": "application/json"})
     assert r.status_code == 400
     for content, kind in ((b'{"prompt": "a"}', "text/plain"), (b"[1]", "application/json")):
