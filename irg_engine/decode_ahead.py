@@ -93,10 +93,11 @@ class DecodeAhead:
         self.claimed: list[AheadRow] = []  # this step's, until the next claim
         self.used = self.rolled_back = 0  # rows, for tests and benchmarks
 
-    def claim(self, decodes: list[Scheduled]) -> None:
+    def claim(self, decodes: list[Scheduled], others: list[Scheduled] = ()) -> None:
         """Give each of this step's decode items that was run ahead its result, after launching
         the step after it for those that go on; roll back the other rows. Items left without a
-        result run as usual."""
+        result run as usual, and so do `others`, the step's other items: the launch leaves the
+        blocks they will write free (the scheduler counted those, not the launch's)."""
         groups, self.pending = self.pending, []
         self.claimed = []
         if not groups:
@@ -119,7 +120,9 @@ class DecodeAhead:
         tokens = torch.cat([g.tokens for g in groups]) if len(groups) > 1 else groups[0].tokens
         logits = [row for g in groups for row in g.logits]  # views, no copy
         going = [i for i, sch in matched.items() if not sch.item.last]
-        launched = self._launch([matched[i].item for i in going], tokens, going)
+        in_turn = [sch for sch in decodes if all(sch is not m for m in matched.values())]
+        keep = self.runner.blocks_to_write([*in_turn, *others])
+        launched = self._launch([matched[i].item for i in going], tokens, going, keep)
         # Waits for this step's tokens only, copied back as they were drawn: a copy queued now
         # would wait for the step launched above as well.
         host = [t for g in groups for t in g.read()]
@@ -155,12 +158,16 @@ class DecodeAhead:
             row.token = decoded[i].result.token
 
     def _launch(
-        self, items: list[DecodeStep], tokens: torch.Tensor, fed: list[int]
+        self, items: list[DecodeStep], tokens: torch.Tensor, fed: list[int], keep: int = 0
     ) -> list[AheadRow]:
-        """Run the next decode step of each item's context, fed `tokens[fed]` (on the device)."""
+        """Run the next decode step of each item's context, fed `tokens[fed]` (on the device),
+        if that leaves `keep` blocks free."""
         runner = self.runner
         if not self.enabled or not items or not runner.graphs.accepts(len(items)):
             return []
+        pool = runner.pool
+        if sum(item.ctx.blocks_needed(pool, 1) for item in items) > pool.num_free - keep:
+            return []  # no room to run ahead: the next step runs as usual
         if fed != list(range(len(tokens))):  # else all of them in order: no index copy
             # (uploaded: a blocking copy would wait for the step still running)
             tokens = tokens.index_select(0, upload(torch.tensor(fed), tokens.device))

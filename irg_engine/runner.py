@@ -138,11 +138,23 @@ class Runner:
         und = torch.nonzero(~latent).squeeze(1)
         return ExpertRoutes(upload(und, self.device), None, gen_from=latent_rows[0][0] - 1)
 
-    def _decode_only(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
+    def blocks_to_write(self, batch: list[Scheduled]) -> int:
+        """KV blocks the items' reservations will take (at most: each counts the copy of a shared
+        last block, which only the first of several sharers makes)."""
+        pool = self.pool
+        return sum(
+            s.item.ctx.blocks_needed(pool, s.tokens)
+            for s in batch
+            if not isinstance(s.item, Velocity)
+        )
+
+    def _decode_only(
+        self, batch: list[Scheduled], others: list[Scheduled]
+    ) -> tuple[list[Scheduled], torch.Tensor | None]:
         """The decode tokens of a step, through the static buffers of `DecodeGraphs` (the rows
-        run ahead only collect their results). Returns the items that ran in turn and their
-        tokens on the device."""
-        self.ahead.claim(batch)
+        run ahead only collect their results; `others`, the step's other items, keep the blocks
+        they will write). Returns the items that ran in turn and their tokens on the device."""
+        self.ahead.claim(batch, others)
         batch = [sch for sch in batch if sch.result is None]
         if not batch:
             return [], None
@@ -184,8 +196,8 @@ class Runner:
         in_turn, tokens = [], None
         try:
             if graphed:
-                in_turn, tokens = self._decode_only(decodes)
                 batch = [sch for sch in batch if not isinstance(sch.item, DecodeStep)]
+                in_turn, tokens = self._decode_only(decodes, batch)
             else:
                 self.ahead.claim([])  # nothing here was foreseen: roll every row back
             if batch:

@@ -15,7 +15,7 @@ from irg_engine.config import EngineConfig
 from irg_engine.engine import Engine
 from irg_engine.recipes import RecipeParams
 from irg_engine.recipes.params import TextOut
-from irg_engine.recipes.work import PrefillText, ReadKV
+from irg_engine.recipes.work import DecodeStep, PrefillText, ReadKV
 from irg_engine.request import Request
 
 STEP_CAP = 200  # far more than any case needs: a loop shows as a run that never goes idle
@@ -167,4 +167,38 @@ def test_a_prompt_that_fills_the_pool_exactly_runs_in_chunks_of_a_small_budget(s
     eng = small_engine(64, token_budget=16)
     sinks = run(eng, {"a": prefills((ids(64, 1000), False))})
     assert finished(sinks["a"]), sinks["a"][-1]
+    assert eng.pool.num_used == 0
+
+
+def test_decode_run_ahead_leaves_the_blocks_of_the_step_s_other_items_free(tiny_model, caplog):
+    """A claiming step launches the next decode step before the step's prefill reserves its
+    slots, and that launch may open a block; the scheduler gave every free block to the prefill
+    chunk. So the launch waits where it would take one of those, and no step fails."""
+    cfg = EngineConfig(
+        kv_tokens=128, block_size=16, decode_graphs="static", decode_ahead=True,
+        prefix_cache_entries=0,
+    )  # fmt: skip
+    eng = Engine(tiny_model, cfg)
+    box = {}
+
+    def decoder(env):
+        ctx = box["d"] = env.contexts.new("d")
+        yield PrefillText(ctx, ids(13, 100))
+        token = 5
+        for i in range(12):
+            token = (yield DecodeStep(ctx, token, last=i == 11)).token
+
+    sinks = {"d": [], "p": []}
+    eng.add(Request("d", RecipeParams("x"), sinks["d"].append, program_factory=decoder))
+    steps = 0
+    while not eng.idle and steps < STEP_CAP:
+        d = box.get("d")
+        if not sinks["p"] and d is not None and d.length == 15:  # its next token opens a block
+            p = prefills((ids(120, 1000), False))  # more than the 7 free blocks hold
+            eng.add(Request("p", RecipeParams("x"), sinks["p"].append, program_factory=p))
+        eng.step()
+        steps += 1
+    assert finished(sinks["d"]) and finished(sinks["p"])
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert eng.runner.ahead.used > 0 and eng.runner.ahead.rolled_back == 0
     assert eng.pool.num_used == 0
