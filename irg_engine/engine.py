@@ -232,7 +232,7 @@ class Engine:
             while self.waiting and len(self.running) < self.config.max_running:
                 req = self.waiting.popleft()
                 self.running[req.id] = req
-        for req in self.running.values():
+        for req in list(self.running.values()):  # a program may end on its first advance
             if req.program is None and not req.finished:
                 self._start(req)
 

@@ -369,3 +369,23 @@ def test_engine_on_cuda_matches_the_cpu_reference(tiny_dir, tiny_model):
     assert engine.runner.graphs.capture and engine.runner.graphs.graphs > 0  # graphs replayed
     for i, p in enumerate(params):
         assert_like_reference(tiny_model, p, events[i], recorders[i])
+
+
+def test_a_program_that_fails_before_its_first_item_ends_alone(tiny_model):
+    """It ends while the engine admits requests: the others in the same admission run on."""
+    engine = Engine(tiny_model, EngineConfig(decode_graphs="off"))
+    good, bad = [], []
+
+    def broken(env):
+        raise ValueError("bad input")
+        yield
+
+    def fine(env):
+        yield PrefillText(env.contexts.new("main"), list(range(100, 108)))
+
+    engine.add(Request("good", RecipeParams("x"), good.append, program_factory=fine))
+    engine.add(Request("bad", RecipeParams("x"), bad.append, program_factory=broken))
+    engine.run_until_idle()
+    assert isinstance(bad[-1], ev.Failed) and "bad input" in bad[-1].message
+    assert isinstance(good[-1], ev.Finished)
+    assert engine.pool.num_used == 0
