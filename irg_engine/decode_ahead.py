@@ -120,7 +120,8 @@ class DecodeAhead:
         tokens = torch.cat([g.tokens for g in groups]) if len(groups) > 1 else groups[0].tokens
         logits = [row for g in groups for row in g.logits]  # views, no copy
         going = [i for i, sch in matched.items() if not sch.item.last]
-        in_turn = [sch for sch in decodes if all(sch is not m for m in matched.values())]
+        claimed = {id(sch) for sch in matched.values()}
+        in_turn = [sch for sch in decodes if id(sch) not in claimed]
         keep = self.runner.blocks_to_write([*in_turn, *others])
         launched = self._launch([matched[i].item for i in going], tokens, going, keep)
         # Waits for this step's tokens only, copied back as they were drawn: a copy queued now

@@ -177,7 +177,9 @@ class Engine:
             return Pending(req.id, item.kind, item.tokens, 0, req.arrival)
         room, shared = item.ctx.tail(self.pool)
         blocks = item.ctx.blocks_needed(self.pool, item.tokens)
-        return Pending(req.id, item.kind, item.tokens, blocks, req.arrival, room=room, copy=shared)
+        return Pending(
+            req.id, item.kind, item.tokens, blocks, req.arrival, room=room, copy=int(shared)
+        )
 
     def _run_batch(self, batch: list[tuple[Request, Scheduled]]) -> None:
         """Run the step; if it raises, roll it back and run each item alone, so only the

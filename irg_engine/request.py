@@ -64,7 +64,7 @@ class RequestContexts:
         adds one only where another of its own sequences keeps the original; where only others
         (the prefix cache, other requests) share it, the copy replaces it here."""
         _, shared = ctx.tail(self.pool)
-        kept = shared and sum(ctx.blocks[-1] in s.blocks for s in self.owned if s is not ctx) > 0
+        kept = shared and any(ctx.blocks[-1] in s.blocks for s in self.owned if s is not ctx)
         return ctx.blocks_needed(self.pool, n, copies=False) + kept
 
     def block_counts(self) -> tuple[int, int]:
