@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from irg_engine import events as ev
 from irg_engine.config import EngineConfig, EngineStats
@@ -53,6 +53,8 @@ class EngineClient:
         self.engine = Engine(model, config)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # Called (on the engine's thread) if the loop stops while not shutting down.
+        self.on_death: Callable[[], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -60,6 +62,30 @@ class EngineClient:
         self._thread.start()
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException:  # this thread's end: said here, and handled below
+            log.exception("the engine loop failed")
+        finally:
+            if not self._stop.is_set():
+                self._died()
+
+    def _died(self) -> None:
+        """The loop stopped on its own (an error it could not survive, e.g. one raised while
+        it handled another): nothing will run again, so take no more work and end the rest."""
+        engine = self.engine
+        log.critical("the engine loop stopped; failing every request")
+        with engine.lock:
+            engine.accepting = False
+        engine.healthy, engine.fault = False, "the engine loop stopped"
+        try:
+            engine.fail_all("engine_error", "the engine loop stopped")
+        except Exception:  # the server's deadlines still end those requests
+            log.exception("could not fail the requests in flight")
+        if self.on_death is not None:
+            self.on_death()
+
+    def _run(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
             try:

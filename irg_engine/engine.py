@@ -79,7 +79,7 @@ class Engine:
     def add(self, request: Request) -> None:
         with self.lock:
             if not self.accepting:
-                raise RuntimeError("engine is shutting down")
+                raise RuntimeError(self.fault or "engine is shutting down")
             if len(self.waiting) >= self.config.max_waiting:
                 raise OverflowError(f"queue full ({self.config.max_waiting} waiting)")
             self._arrivals += 1

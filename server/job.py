@@ -69,9 +69,10 @@ class Job:
         except OverflowError as exc:  # the engine's own queue cap (admission should prevent it)
             self._settle(None, "rejected")
             raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "1"}) from exc
-        except RuntimeError as exc:  # the engine stopped admitting: shutting down
+        except RuntimeError as exc:  # the engine stopped admitting: shutting down, or its loop died
             self._settle(None, "rejected")
-            raise ApiError(503, "draining", str(exc), headers={"Retry-After": "5"}) from exc
+            code = "draining" if self.state.admission.draining else "unavailable"
+            raise ApiError(503, code, str(exc), headers={"Retry-After": "5"}) from exc
         except BaseException:
             self._settle(None, "error")
             raise

@@ -69,7 +69,8 @@ def make_engine(model: LoadedModel, settings: Settings):
 class ServerState:
     settings: Settings
     model: LoadedModel | None = None  # None until `load_and_start` has loaded it
-    on_fatal: Callable[[], None] | None = None  # called when the model cannot be loaded
+    # Called when the server cannot serve: the model failed to load, or the engine loop stopped.
+    on_fatal: Callable[[], None] | None = None
     client: object | None = None
     fatal: str | None = None
     admission: Admission = field(init=False)
@@ -104,6 +105,7 @@ class ServerState:
     def start(self) -> None:
         if self.client is None:
             self.client = make_engine(self.model, self.settings)
+            self.client.on_death = self.on_fatal
             self.client.start()
             log.info("engine started on %s", self.model_id)
 

@@ -83,10 +83,10 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(model, **settings) -> Iterator[LiveServer]:
+def live_server(model, on_fatal=None, **settings) -> Iterator[LiveServer]:
     settings.setdefault("keepalive_interval", 0.2)
     settings.setdefault("shutdown_timeout", 0.5)
-    app = create_app(Settings(**settings), model=model)
+    app = create_app(Settings(**settings), model=model, on_fatal=on_fatal)
     server = LiveServer(app).start()
     try:
         yield server

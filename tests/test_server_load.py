@@ -172,3 +172,28 @@ def test_engine_fault_errors_the_request_and_turns_ready_503(server, http, tiny_
     r = http.post("/generate", json={**SMALL, "prompt": "x", "recipe": "t2i"})
     assert r.status_code == 200
     assert http.get("/ready").status_code == 200
+
+
+def test_an_engine_loop_that_dies_takes_no_more_work_and_stops_the_server(tiny_model):
+    """An error raised while the loop handles another kills its thread: every request in flight
+    ends, new ones get a 503, /ready and the metrics say so, and the server asks to exit (a
+    supervisor restarts it) rather than queue work nothing will run."""
+    fatal = threading.Event()
+    with live_server(tiny_model, on_fatal=fatal.set) as srv, httpx.Client(base_url=srv.url) as c:
+        engine = srv.app.state.irg.client.engine
+
+        def broken_step():
+            raise RuntimeError("injected loop fault")
+
+        def broken_fail_all(code, message):
+            raise RuntimeError("injected fault while failing")
+
+        engine.step, engine.fail_all = broken_step, broken_fail_all
+        assert fatal.wait(10)
+        del engine.fail_all  # the instance attribute: the method again
+        r = c.post("/generate", json={**SMALL, "prompt": "x", "recipe": "t2i"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert "engine loop stopped" in r.json()["error"]["message"]
+        assert c.get("/ready").status_code == 503
+        assert "engine loop stopped" in c.get("/ready").json()["reason"]
+        assert metric(c.get("/metrics").text, "irg_engine_healthy") == 0
