@@ -25,7 +25,7 @@ import torch
 
 from irg_engine import events as ev
 from irg_engine.attention import resolve_backend
-from irg_engine.block_pool import BlockPool, blocks_for
+from irg_engine.block_pool import BlockPool, KVSequence, blocks_for
 from irg_engine.config import EngineConfig, EngineStats
 from irg_engine.image_lane import ImageLane
 from irg_engine.model.bagel import LoadedModel
@@ -44,6 +44,8 @@ from irg_engine.runner import Runner, Scheduled, auto_kv_tokens
 from irg_engine.scheduler import Pending, Scheduler
 
 log = logging.getLogger("irg_engine")
+
+PROBE_INTERVAL_S = 2.0  # between probe steps while a fault is flagged (see `Engine._probe`)
 
 
 class Engine:
@@ -70,6 +72,7 @@ class Engine:
         self._arrivals = 0
         self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
         self.healthy, self.fault = True, None
+        self._probed = 0.0  # when `_probe` last ran
         self.accepting = True
         self.images = ImageLane(
             self.runner, cfg.image_workers, cfg.cpu_threads or torch.get_num_threads()
@@ -127,6 +130,7 @@ class Engine:
         if live and self.images.help_before_step():
             return True
         if not live:
+            self._probe()
             self.images.help_while_idle()
             return bool(self.running)
         pending = [self._pending(r) for r in live]
@@ -199,6 +203,21 @@ class Engine:
             self._finish(req, ev.Failed("engine_error", f"model error: {e}"))
         for req, sch in done:
             self._deliver(req, sch)
+
+    def _probe(self) -> None:
+        """With a fault flagged and no model work, every `PROBE_INTERVAL_S`: one token through the
+        model on its own. A fault that was one request's (alone in the step that raised, it
+        looked like the engine's) then clears without waiting for traffic, which a balancer
+        keeps away while /ready says the engine is faulty."""
+        if self.healthy or time.monotonic() - self._probed < PROBE_INTERVAL_S:
+            return
+        self._probed = time.monotonic()
+        seq = KVSequence("probe")
+        error = self._try([Scheduled(PrefillText(seq, [0]), 1)])
+        seq.free(self.pool)
+        if error is None:
+            log.info("a probe step succeeded: the engine fault (%s) is cleared", self.fault)
+            self.healthy, self.fault = True, None
 
     def _try(self, scheduled: list[Scheduled]) -> Exception | None:
         """Run these items; on an exception, put every sequence they wrote back as it was."""

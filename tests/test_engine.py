@@ -389,3 +389,26 @@ def test_a_program_that_fails_before_its_first_item_ends_alone(tiny_model):
     assert isinstance(bad[-1], ev.Failed) and "bad input" in bad[-1].message
     assert isinstance(good[-1], ev.Finished)
     assert engine.pool.num_used == 0
+
+
+def test_a_fault_of_one_request_clears_without_traffic(tiny_model, monkeypatch):
+    """Alone in the step that raised, a poisoned request flags the engine; with no model work
+    left a probe step runs, succeeds, and clears the flag."""
+    monkeypatch.setattr("irg_engine.engine.PROBE_INTERVAL_S", 0.0)
+    engine = Engine(tiny_model, EngineConfig(decode_graphs="off"))
+    bad = []
+
+    def broken(env):
+        yield DecodeStep(env.contexts.new("main"), 10**9)  # outside the vocabulary: raises
+
+    engine.add(Request("bad", RecipeParams("x"), bad.append, program_factory=broken))
+    engine.run_until_idle()
+    assert isinstance(bad[-1], ev.Failed) and not engine.stats().healthy
+    monkeypatch.setattr(tiny_model.bagel, "forward", lambda *a, **k: 1 / 0)
+    engine.step()  # the model is still broken: the probe fails, the flag stays
+    assert not engine.stats().healthy
+    monkeypatch.undo()
+    monkeypatch.setattr("irg_engine.engine.PROBE_INTERVAL_S", 0.0)
+    engine.step()
+    assert engine.stats().healthy and engine.stats().fault is None
+    assert engine.pool.num_used == 0
