@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from irg_engine import events as ev
 from irg_engine.config import EngineConfig, EngineStats
@@ -47,6 +48,9 @@ class RequestStream:
             yield event
 
 
+STALL_S = 60.0  # a loop that has not come round for this long is reported as stuck
+
+
 class EngineClient:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
         self.model = model
@@ -55,6 +59,7 @@ class EngineClient:
         self._stop = threading.Event()
         # Called (on the engine's thread) if the loop stops while not shutting down.
         self.on_death: Callable[[], None] | None = None
+        self._beat = time.monotonic()  # when the loop last came round
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,6 +93,7 @@ class EngineClient:
     def _run(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
+            self._beat = time.monotonic()
             try:
                 busy = engine.step()
             except Exception as error:  # the loop itself must survive; fail what is in flight
@@ -127,13 +133,22 @@ class EngineClient:
         return self.engine.abort(request_id)
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return replace(self.engine.stats(), healthy=self.healthy, fault=self.fault)
 
     @property
     def healthy(self) -> bool:
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and self.engine.healthy
+        return alive and self.engine.healthy and not self._stalled()
 
     @property
     def fault(self) -> str | None:
+        if self.engine.fault is None and self._stalled():
+            return f"the engine loop has not come round for {time.monotonic() - self._beat:.0f} s"
         return self.engine.fault
+
+    def _stalled(self) -> bool:
+        """The loop is stuck in one step or job (a hung kernel, a job that never returns): the
+        requests it holds wait, so readiness says so. Legitimate long work (a 1024 px VAE job
+        run by the loop on the CPU) takes ~10 s."""
+        running = self._thread is not None and not self._stop.is_set()
+        return running and time.monotonic() - self._beat > STALL_S

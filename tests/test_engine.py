@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -412,3 +413,29 @@ def test_a_fault_of_one_request_clears_without_traffic(tiny_model, monkeypatch):
     engine.step()
     assert engine.stats().healthy and engine.stats().fault is None
     assert engine.pool.num_used == 0
+
+
+def test_a_loop_stuck_in_one_step_is_reported_and_recovers(tiny_model, monkeypatch):
+    monkeypatch.setattr("irg_engine.client.STALL_S", 0.3)
+
+    async def main():
+        client = EngineClient(tiny_model)
+        engine = client.engine
+        step, release = engine.step, threading.Event()
+
+        def stuck():  # one step that does not return until released
+            engine.step = step
+            release.wait(10)
+            return False
+
+        engine.step = stuck
+        client.start()
+        await asyncio.sleep(0.8)
+        assert not client.healthy and "has not come round" in client.fault
+        assert not client.stats().healthy
+        release.set()
+        await asyncio.sleep(0.3)
+        assert client.healthy and client.fault is None
+        await client.shutdown(1)
+
+    asyncio.run(main())
