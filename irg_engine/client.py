@@ -82,7 +82,7 @@ class EngineClient:
         log.critical("the engine loop stopped; failing every request")
         with engine.lock:
             engine.accepting = False
-        engine.healthy, engine.fault = False, "the engine loop stopped"
+        engine.guard.fault = "the engine loop stopped"
         try:
             engine.fail_all("engine_error", "the engine loop stopped")
         except Exception:  # the server's deadlines still end those requests
@@ -98,7 +98,7 @@ class EngineClient:
                 busy = engine.step()
             except Exception as error:  # the loop itself must survive; fail what is in flight
                 log.exception("engine loop error")
-                engine.healthy, engine.fault = False, f"{type(error).__name__}: {error}"
+                engine.guard.fault = f"{type(error).__name__}: {error}"
                 engine.fail_all("engine_error", f"engine error: {error}")
                 busy = False
             if not busy:
@@ -138,13 +138,13 @@ class EngineClient:
     @property
     def healthy(self) -> bool:
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and self.engine.healthy and not self._stalled()
+        return alive and self.engine.guard.healthy and not self._stalled()
 
     @property
     def fault(self) -> str | None:
-        if self.engine.fault is None and self._stalled():
+        if self.engine.guard.fault is None and self._stalled():
             return f"the engine loop has not come round for {time.monotonic() - self._beat:.0f} s"
-        return self.engine.fault
+        return self.engine.guard.fault
 
     def _stalled(self) -> bool:
         """The loop is stuck in one step or job (a hung kernel, a job that never returns): the

@@ -10,8 +10,8 @@ Data flow of one `step()`:
    cached prefix, preempts a younger request or waits for image jobs;
 5. results go back into the programs; finished programs end their requests.
 A forward that raises is retried item by item, so a fault that belongs to one request ends only
-that request; when every item fails the engine records a fault (`healthy` turns false until a
-step succeeds). `client.py` wraps this loop in a thread with an asyncio interface.
+that request; when every item fails the engine records a fault until a step or a probe succeeds
+(`step_guard.py`). `client.py` wraps this loop in a thread with an asyncio interface.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from irg_engine import events as ev
 from irg_engine.attention import resolve_backend
-from irg_engine.block_pool import BlockPool, KVSequence, blocks_for
+from irg_engine.block_pool import BlockPool, blocks_for
 from irg_engine.config import EngineConfig, EngineStats
 from irg_engine.image_lane import ImageLane
 from irg_engine.model.bagel import LoadedModel
@@ -42,10 +42,9 @@ from irg_engine.recipes.work import (
 from irg_engine.request import Request
 from irg_engine.runner import Runner, Scheduled, auto_kv_tokens
 from irg_engine.scheduler import Pending, Scheduler
+from irg_engine.step_guard import StepGuard
 
 log = logging.getLogger("irg_engine")
-
-PROBE_INTERVAL_S = 2.0  # between probe steps while a fault is flagged (see `Engine._probe`)
 
 
 class Engine:
@@ -62,6 +61,7 @@ class Engine:
             max_batch=cfg.max_running,
             decode_ahead=cfg.decode_ahead,
         )
+        self.guard = StepGuard(self.runner, self.pool)
         self.scheduler = Scheduler(cfg.token_budget, cfg.block_size)
         self.prefix_cache = PrefixCache(self.pool, cfg.prefix_cache_entries)
         self.waiting: deque[Request] = deque()
@@ -71,8 +71,6 @@ class Engine:
         self._aborts: set[str] = set()
         self._arrivals = 0
         self.steps = self.tokens_decoded = self.denoise_steps = self.preemptions = 0
-        self.healthy, self.fault = True, None
-        self._probed = 0.0  # when `_probe` last ran
         self.accepting = True
         self.images = ImageLane(
             self.runner, cfg.image_workers, cfg.cpu_threads or torch.get_num_threads()
@@ -82,7 +80,7 @@ class Engine:
     def add(self, request: Request) -> None:
         with self.lock:
             if not self.accepting:
-                raise RuntimeError(self.fault or "engine is shutting down")
+                raise RuntimeError(self.guard.fault or "engine is shutting down")
             if len(self.waiting) >= self.config.max_waiting:
                 raise OverflowError(f"queue full ({self.config.max_waiting} waiting)")
             self._arrivals += 1
@@ -109,8 +107,8 @@ class Engine:
                 self.steps,
                 self.tokens_decoded,
                 self.denoise_steps,
-                self.healthy,
-                self.fault,
+                self.guard.healthy,
+                self.guard.fault,
             )
 
     @property
@@ -130,7 +128,7 @@ class Engine:
         if live and self.images.help_before_step():
             return True
         if not live:
-            self._probe()
+            self.guard.probe()
             self.images.help_while_idle()
             return bool(self.running)
         pending = [self._pending(r) for r in live]
@@ -186,50 +184,16 @@ class Engine:
         )
 
     def _run_batch(self, batch: list[tuple[Request, Scheduled]]) -> None:
-        """Run the step; if it raises, roll it back and run each item alone, so only the
-        requests whose items fail end (a fault in every item marks the engine unhealthy)."""
-        done, failed = batch, []
-        if (error := self._try([s for _, s in batch])) is None:
-            self.healthy, self.fault = True, None
-        else:
-            log.error("engine step failed; retrying item by item", exc_info=error)
-            alone = [(req, sch, self._try([sch])) for req, sch in batch]
-            done = [(req, sch) for req, sch, e in alone if e is None]
-            failed = [(req, e) for req, _, e in alone if e is not None]
-            if not done:  # flagged before the failures go out, so readers see it with them
-                self.healthy, self.fault = False, f"{type(error).__name__}: {error}"
+        """Run the step through the guard (`step_guard.py`): only the requests whose items fail
+        end."""
+        errors = self.guard.run([sch for _, sch in batch])
         self.steps += 1
-        for req, e in failed:
-            self._finish(req, ev.Failed("engine_error", f"model error: {e}"))
-        for req, sch in done:
-            self._deliver(req, sch)
-
-    def _probe(self) -> None:
-        """With a fault flagged and no model work, every `PROBE_INTERVAL_S`: one token through the
-        model on its own. A fault that was one request's (alone in the step that raised, it
-        looked like the engine's) then clears without waiting for traffic, which a balancer
-        keeps away while /ready says the engine is faulty."""
-        if self.healthy or time.monotonic() - self._probed < PROBE_INTERVAL_S:
-            return
-        self._probed = time.monotonic()
-        seq = KVSequence("probe")
-        error = self._try([Scheduled(PrefillText(seq, [0]), 1)])
-        seq.free(self.pool)
-        if error is None:
-            log.info("a probe step succeeded: the engine fault (%s) is cleared", self.fault)
-            self.healthy, self.fault = True, None
-
-    def _try(self, scheduled: list[Scheduled]) -> Exception | None:
-        """Run these items; on an exception, put every sequence they wrote back as it was."""
-        written = [s.item.ctx for s in scheduled if not isinstance(s.item, Velocity)]
-        saved = [(seq, seq.save(self.pool)) for seq in written]
-        try:
-            self.runner.step(scheduled)
-        except Exception as error:
-            for seq, layout in saved:
-                seq.restore(self.pool, layout)
-            return error
-        return None
+        for (req, _), error in zip(batch, errors, strict=True):
+            if error is not None:
+                self._finish(req, ev.Failed("engine_error", f"model error: {error}"))
+        for (req, sch), error in zip(batch, errors, strict=True):
+            if error is None:
+                self._deliver(req, sch)
 
     def _deliver(self, req: Request, sch: Scheduled) -> None:
         item = sch.item

@@ -395,7 +395,7 @@ def test_a_program_that_fails_before_its_first_item_ends_alone(tiny_model):
 def test_a_fault_of_one_request_clears_without_traffic(tiny_model, monkeypatch):
     """Alone in the step that raised, a poisoned request flags the engine; with no model work
     left a probe step runs, succeeds, and clears the flag."""
-    monkeypatch.setattr("irg_engine.engine.PROBE_INTERVAL_S", 0.0)
+    monkeypatch.setattr("irg_engine.step_guard.PROBE_INTERVAL_S", 0.0)
     engine = Engine(tiny_model, EngineConfig(decode_graphs="off"))
     bad = []
 
@@ -409,7 +409,7 @@ def test_a_fault_of_one_request_clears_without_traffic(tiny_model, monkeypatch):
     engine.step()  # the model is still broken: the probe fails, the flag stays
     assert not engine.stats().healthy
     monkeypatch.undo()
-    monkeypatch.setattr("irg_engine.engine.PROBE_INTERVAL_S", 0.0)
+    monkeypatch.setattr("irg_engine.step_guard.PROBE_INTERVAL_S", 0.0)
     engine.step()
     assert engine.stats().healthy and engine.stats().fault is None
     assert engine.pool.num_used == 0
