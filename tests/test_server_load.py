@@ -12,7 +12,9 @@ import pytest
 from tests.server_fixtures import SMALL, SseReader, live_server, metric, read_sse, wait_for
 
 # Long enough (~0.35 s on two CPU cores) to still be running when the test acts on it.
-LONG = {"prompt": "a long one", "recipe": "t2i", "width": 64, "height": 64, "num_timesteps": 60}
+# About a second of work on a 2-core VM (0.2 s at 64 px and 60 steps was already too short there
+# for the queue and keep-alive tests).
+LONG = {"prompt": "a long one", "recipe": "t2i", "width": 128, "height": 128, "num_timesteps": 200}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_caps_1_and_1_admit_exactly_two_of_ten(server, http):
 
     # ~1.2 s each: the admitted ones must outlast the whole burst, whatever else loads the CPU
     # (at 60 steps the first one once finished before the last of the ten had arrived).
-    body = {**LONG, "num_timesteps": 200}
+    body = dict(LONG)
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -95,7 +97,8 @@ def test_json_request_disconnect_aborts(server, http):
     idle = idle_kv_blocks(server, http)
     aborts = finished(http, "abort")
     with server.client(timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
-        impatient.post("/generate", json={**LONG, "num_timesteps": 200})
+        # Seconds of work: the client gives up long before it is done.
+        impatient.post("/generate", json={**LONG, "width": 512, "height": 512})
     assert wait_for(lambda: finished(http, "abort") == aborts + 1, timeout=5)
     assert wait_for(lambda: server.state.client.stats().kv_blocks_used == idle, timeout=5)
     assert wait_for(lambda: server.state.client.stats().running == 0)
@@ -103,7 +106,7 @@ def test_json_request_disconnect_aborts(server, http):
 
 def test_deadline_gives_504_or_an_error_event(http):
     timeouts = finished(http, "timeout")
-    body = {**LONG, "num_timesteps": 200, "timeout_s": 0.3}
+    body = {**LONG, "timeout_s": 0.3}
     r = http.post("/generate", json=body)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     with http.stream("POST", "/generate", json={**body, "stream": True}) as r:
