@@ -47,3 +47,17 @@ def test_a_row_draws_the_same_token_alone_and_in_a_batch():
         ]
         assert batch == alone
         assert batch[1] == int(logits[1].argmax()) and batch[5] == int(logits[5].argmax())
+
+
+def test_tokens_of_negligible_weight_are_never_drawn():
+    # Weights under float32's normal range are zero (exp would take a slow path there on some
+    # CPUs); masked (-inf) logits stay impossible too.
+    n = 2 * CDF_BLOCK + 10
+    logits = torch.full((n,), -95.0)
+    logits[::7] = float("-inf")
+    hot = [3, CDF_BLOCK + 1]
+    logits[hot] = torch.tensor([0.0, -1.0])
+    for temperature in (1.0, 0.3):
+        g = torch.Generator().manual_seed(3)
+        draws = {sample_token(logits, temperature, g) for _ in range(400)}
+        assert draws == set(hot)
