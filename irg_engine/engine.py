@@ -11,7 +11,8 @@ Data flow of one `step()`:
 5. results go back into the programs; finished programs end their requests.
 A forward that raises is retried item by item, so a fault that belongs to one request ends only
 that request; when every item fails the engine records a fault until a step or a probe succeeds
-(`step_guard.py`). `client.py` wraps this loop in a thread with an asyncio interface.
+(`step_guard.py`); an error in one request's handling outside the forward ends that request
+(`_guarded`). `client.py` wraps this loop in a thread with an asyncio interface.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,6 +48,7 @@ from irg_engine.scheduler import Pending, Scheduler
 from irg_engine.step_guard import StepGuard
 
 log = logging.getLogger("irg_engine")
+T = TypeVar("T")
 
 
 class Engine:
@@ -123,15 +127,16 @@ class Engine:
         self._admit()
         self._collect_aux()
         for req in list(self.running.values()):
-            self._advance_inline(req)
+            self._guarded(req, self._advance_inline, req)
         live = [r for r in self.running.values() if isinstance(r.pending, LM_WORK)]
         if live and self.images.help_before_step():
             return True
-        if not live:
+        pending = [(r, p) for r in live if (p := self._guarded(r, self._pending, r)) is not None]
+        if not pending:
             self.guard.probe()
             self.images.help_while_idle()
             return bool(self.running)
-        pending = [self._pending(r) for r in live]
+        live, pending = [r for r, _ in pending], [p for _, p in pending]
         plan = self.scheduler.plan(pending, self.pool.num_free)
         if not plan.run:
             self._make_room(live, pending)
@@ -193,7 +198,7 @@ class Engine:
                 self._finish(req, ev.Failed("engine_error", f"model error: {error}"))
         for (req, sch), error in zip(batch, errors, strict=True):
             if error is None:
-                self._deliver(req, sch)
+                self._guarded(req, self._deliver, req, sch)
 
     def _deliver(self, req: Request, sch: Scheduled) -> None:
         item = sch.item
@@ -219,7 +224,17 @@ class Engine:
                 self.running[req.id] = req
         for req in list(self.running.values()):  # a program may end on its first advance
             if req.program is None and not req.finished:
-                self._start(req)
+                self._guarded(req, self._start, req)
+
+    def _guarded(self, req: Request, fn: Callable[..., T], *args: Any) -> T | None:
+        """`fn(*args)` on one request's behalf: an error there (an engine bug met by this
+        request's state, e.g. a malformed work item) ends that request alone."""
+        try:
+            return fn(*args)
+        except Exception as error:
+            log.exception("request %s failed in the engine", req.id)
+            self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
+            return None
 
     def _start(self, req: Request) -> None:
         req.start(self.model, self.pool)

@@ -18,7 +18,7 @@ from irg_engine.engine import Engine
 from irg_engine.parity import rel_l2
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.recipes.params import Observer
-from irg_engine.recipes.work import DecodeStep, PrefillText
+from irg_engine.recipes.work import DecodeStep, PrefillText, ReadKV
 from irg_engine.request import Request
 
 SMALL = dict(width=32, height=32, num_timesteps=3, max_think_tokens=5)
@@ -439,3 +439,26 @@ def test_a_loop_stuck_in_one_step_is_reported_and_recovers(tiny_model, monkeypat
         await client.shutdown(1)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["plan", "inline", "start"])
+def test_an_engine_error_in_one_requests_handling_ends_it_alone(tiny_model, where):
+    """Outside the forward: a malformed work item met while the step is planned or while work
+    that needs no forward is done, or a program factory that raises."""
+    engine = Engine(tiny_model, EngineConfig(decode_graphs="off"))
+    good, bad = [], []
+
+    def malformed(env):
+        yield PrefillText(None, [1, 2, 3]) if where == "plan" else ReadKV(None)
+
+    def no_program(env):  # not a generator: raises as the request starts
+        raise ValueError("no program")
+
+    engine.add(Request("good", RecipeParams("a fox", recipe="think_t2i", **SMALL), good.append))
+    factory = no_program if where == "start" else malformed
+    engine.add(Request("bad", RecipeParams("x"), bad.append, program_factory=factory))
+    engine.run_until_idle()
+    assert isinstance(bad[-1], ev.Failed) and bad[-1].code == "engine_error", bad[-1]
+    assert isinstance(good[-1], ev.Finished)
+    engine.clear_prefix_cache()
+    assert engine.pool.num_used == 0
