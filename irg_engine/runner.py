@@ -88,7 +88,7 @@ class Runner:
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         head = model.bagel.lm.lm_head.weight
-        self.head = packed_head.PackedHead(head) if packed_head.available(head) else None
+        self.head = packed_head.PackedHead(head, max_batch) if packed_head.available(head) else None
         cuda = dev.type == "cuda"
         self.graphs = None
         if decode_graphs == "static" or (decode_graphs == "auto" and cuda):

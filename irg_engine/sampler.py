@@ -68,8 +68,7 @@ def draw_rows(
         ),
         dev,
     )
-    weights = (x - x.amax(1, keepdim=True)).mul_(inverse).clamp_(min=EXP_FLOOR).exp_()
-    weights = F.threshold_(weights, NEGLIGIBLE, 0.0)
+    weights = softmax_weights(x, inverse)
     rows, n = weights.shape
     full = n - n % CDF_BLOCK
     sums = weights[:, :full].reshape(rows, -1, CDF_BLOCK).sum(2)
@@ -90,6 +89,13 @@ def draw_rows(
     offset = torch.minimum(torch.searchsorted(inner, u - before, right=True), last)
     tokens[picked] = (start + offset).squeeze(1)
     return tokens
+
+
+def softmax_weights(logits: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Unnormalised `exp((logits - max) * inverse)` per row, 0 where that is at most
+    `NEGLIGIBLE` (see the module docstring)."""
+    weights = (logits - logits.amax(1, keepdim=True)).mul_(inverse)
+    return F.threshold_(weights.clamp_(min=EXP_FLOOR).exp_(), NEGLIGIBLE, 0.0)
 
 
 def _pick(rows: list[int], total: int, dev: torch.device) -> slice | torch.Tensor:

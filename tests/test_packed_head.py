@@ -15,38 +15,41 @@ pytestmark = pytest.mark.skipif(not packed_head.available(WEIGHT), reason="needs
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
 def test_logits_match_f_linear_and_each_row_alone(rows):
-    head = PackedHead(WEIGHT)
+    head = PackedHead(WEIGHT, max_rows=16)
     hidden = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
     logits = head(hidden)
+    assert head.usable
     torch.testing.assert_close(logits, F.linear(hidden, WEIGHT), rtol=1e-6, atol=1e-5)
-    assert not head.broken
     for i in range(rows):
         assert torch.equal(logits[i], head(hidden[i : i + 1])[0])
 
 
-def test_each_power_of_two_is_probed_on_first_use():
-    head = PackedHead(WEIGHT)
-    for rows in (5, 6, 8, 3, 4, 2):
-        head(torch.randn(rows, 64))
-    assert sorted(head.checked) == [2, 4, 8]
-
-
 def test_a_row_does_not_depend_on_its_neighbours():
-    head = PackedHead(WEIGHT)
+    head = PackedHead(WEIGHT, max_rows=8)
     row = torch.randn(1, 64)
     alone = head(torch.cat([row, torch.zeros(4, 64)]))[0]
     mixed = head(torch.cat([row, torch.randn(6, 64)]))[0]
     assert torch.equal(alone, mixed)
 
 
-def test_a_batch_dependent_kernel_falls_back_to_f_linear(monkeypatch):
-    head = PackedHead(WEIGHT)
+def test_a_batch_dependent_kernel_is_never_used(monkeypatch):
+    """Every bucket is probed before the first call, so no call (one row included) goes through
+    a kernel whose rows move with the batch size: the decision never changes mid-run."""
+    head = PackedHead(WEIGHT, max_rows=8)
     real = head._linear
-    # A kernel whose last bits move with the batch size, as a different GEMM path could.
-    monkeypatch.setattr(head, "_linear", lambda h: real(h) * (1 + 1e-7 * (h.shape[0] > 1)))
-    hidden = torch.randn(4, 64)
+    # Last bits that move at 8 rows, as the batched kernel does for wide hidden sizes.
+    monkeypatch.setattr(head, "_linear", lambda h: real(h) * (1 + 1e-7 * (h.shape[0] == 8)))
+    one = torch.randn(1, 64)
+    assert torch.equal(head(one), F.linear(one, WEIGHT))
+    assert head.usable is False and head.pack is None  # the packed copy is not kept
+    many = torch.randn(8, 64)
+    assert torch.equal(head(many), F.linear(many, WEIGHT))
+
+
+def test_more_rows_than_probed_take_f_linear():
+    head = PackedHead(WEIGHT, max_rows=4)
+    hidden = torch.randn(6, 64)
     assert torch.equal(head(hidden), F.linear(hidden, WEIGHT))
-    assert head.broken
 
 
 def test_not_available_off_float32():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from irg_engine.sampler import CDF_BLOCK, sample_rows, sample_token
+from irg_engine.sampler import CDF_BLOCK, sample_rows, sample_token, softmax_weights
 
 
 def test_draws_follow_the_softmax_across_blocks():
@@ -49,9 +49,18 @@ def test_a_row_draws_the_same_token_alone_and_in_a_batch():
         assert batch[1] == int(logits[1].argmax()) and batch[5] == int(logits[5].argmax())
 
 
+def test_weights_under_float32s_normal_range_are_zero():
+    # Exactly they would be denormals (or 0 below -103.97): exp's slow path on some CPUs.
+    logits = torch.tensor([[0.0, -1.0, -86.0, -86.9, -87.2, -90.0, -100.0, -200.0, float("-inf")]])
+    weights = softmax_weights(logits, torch.tensor([[1.0]]))
+    assert torch.equal(weights[0, :3], torch.exp(logits[0, :3]))
+    assert torch.exp(logits[0, 3:7]).gt(0).all() and weights[0, 3:].eq(0).all()
+    # The same through the temperature: -30 at T 0.3 is -100 after scaling.
+    hot = softmax_weights(torch.tensor([[0.0, -30.0]]), torch.tensor([[1 / 0.3]]))
+    assert hot[0, 0] == 1 and hot[0, 1] == 0
+
+
 def test_tokens_of_negligible_weight_are_never_drawn():
-    # Weights under float32's normal range are zero (exp would take a slow path there on some
-    # CPUs); masked (-inf) logits stay impossible too.
     n = 2 * CDF_BLOCK + 10
     logits = torch.full((n,), -95.0)
     logits[::7] = float("-inf")
