@@ -25,6 +25,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from irg_engine.checkpoint_checks import (
+    CheckpointError,
+    check_dtypes,
+    check_layer_count,
+    check_names,
+    check_weights,
+)
 from irg_engine.config import BagelConfig, LMConfig, ViTConfig
 from irg_engine.host_memory import keep_large_blocks
 from irg_engine.model.bagel import Bagel, LoadedModel
@@ -39,11 +46,6 @@ from irg_engine.published_names import (
 WEIGHT_FILES = ("ema.safetensors", "ema_bf16.safetensors", "model.safetensors")
 INFO_FILE = "tiny_model_info.json"  # not published: written by tiny.py with the hard-coded values
 FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
-SHOW = 5
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder that cannot be loaded; the message says exactly why."""
 
 
 @dataclass
@@ -58,11 +60,16 @@ class CheckpointFiles:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent}: missing file {path.name}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def find_files(root: Path) -> CheckpointFiles:
@@ -78,7 +85,9 @@ def find_files(root: Path) -> CheckpointFiles:
                 f"{root}: missing file ema.safetensors (or ema_bf16.safetensors, or shards with a "
                 "*.safetensors.index.json)"
             )
-        weight_map = _read_json(indexes[0]).get("weight_map", {})
+        weight_map = _read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{indexes[0]}: no weight_map naming the shards")
         bagel = [root / n for n in sorted(set(weight_map.values()))]
         for shard in bagel:
             if not shard.is_file():
@@ -133,10 +142,10 @@ def _vae_config(ae: dict[str, tuple[list[int], str]], info: dict) -> VaeConfig:
         z_channels=shape("decoder.conv_in.weight")[1],
         in_channels=shape("encoder.conv_in.weight")[1],
         out_ch=shape("decoder.conv_out.weight")[0],
-        resolution=params.get("resolution", 256),
+        resolution=int(params.get("resolution", 256)),
         downsample=2 ** (len(mult) - 1),
-        scale_factor=params.get("scale_factor", FLUX_SCALE),
-        shift_factor=params.get("shift_factor", FLUX_SHIFT),
+        scale_factor=float(params.get("scale_factor", FLUX_SCALE)),
+        shift_factor=float(params.get("shift_factor", FLUX_SHIFT)),
     )
 
 
@@ -169,38 +178,29 @@ def build_config(files: CheckpointFiles) -> BagelConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"{files.root}: config is missing key {e}") from None
-    except ValueError as e:
-        raise CheckpointError(f"{files.root}: inconsistent config ({e})") from None
-    latent_rows = headers.get("latent_pos_embed.pos_embed", ([64 * 64],))[0][0]
+    except (ValueError, TypeError, ArithmeticError, AttributeError) as e:
+        raise CheckpointError(f"{files.root}: invalid config ({type(e).__name__}: {e})") from None
+    check_layer_count(files.root, headers, lm.num_layers)
+    latent_shape = headers.get("latent_pos_embed.pos_embed", ([64 * 64, 1],))[0]
+    side = round(latent_shape[0] ** 0.5) if latent_shape else 0
+    if len(latent_shape) != 2 or side < 1 or side * side != latent_shape[0]:
+        raise CheckpointError(
+            f"latent_pos_embed.pos_embed has shape {latent_shape}; expected [side * side, hidden]"
+        )
+    try:
+        vae = _vae_config(tensor_headers(files.ae), info)
+    except (IndexError, ValueError, TypeError, ArithmeticError) as e:
+        raise CheckpointError(
+            f"{files.ae}: cannot infer the autoencoder's shape ({type(e).__name__}: {e})"
+        ) from None
     bagel_info = info.get("bagel_config", {})
     return BagelConfig(
         lm=lm,
         vit=vit_cfg,
-        vae=_vae_config(tensor_headers(files.ae), info),
+        vae=vae,
         latent_patch_size=bagel_info.get("latent_patch_size", 2),
-        max_latent_size=round(latent_rows**0.5),
+        max_latent_size=side,
     )
-
-
-def _check_names(what: str, expected: dict[str, torch.Size], found: dict[str, list[int]]) -> None:
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshaped = [
-        f"{k} {list(found[k])} (expected {list(expected[k])})"
-        for k in expected
-        if k in found and list(found[k]) != list(expected[k])
-    ]
-    problems = []
-    for label, items in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("mis-shaped", misshaped),
-    ):
-        if items:
-            more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
-            problems.append(f"{len(items)} {label}: " + ", ".join(items[:SHOW]) + more)
-    if problems:
-        raise CheckpointError(f"{what}: " + "; ".join(problems))
 
 
 def load(
@@ -229,9 +229,12 @@ def load(
     expected = {k: v.shape for k, v in bagel.state_dict().items()}
     found = {mapping[k]: patch_shape(k, headers[k][0]) for k in mapping}
     found.update({k: headers[k][0] for k in unknown})
-    _check_names(", ".join(p.name for p in files.bagel), expected, found)
+    weights = ", ".join(p.name for p in files.bagel)
+    check_names(weights, expected, found)
+    check_dtypes(weights, {k: headers[k] for k in mapping})
     ae_headers = tensor_headers(files.ae)
-    _check_names(
+    check_dtypes(files.ae.name, ae_headers)
+    check_names(
         files.ae.name,
         {k: v.shape for k, v in vae.state_dict().items()},
         {k: s for k, (s, _) in ae_headers.items()},
@@ -257,15 +260,20 @@ def load(
     del state
     vae_state = {n: t.to(device=device, dtype=vae_dtype) for n, t in _iter_tensors(files.ae, "cpu")}
     vae.load_state_dict(vae_state, assign=True, strict=True)
+    check_weights(weights, bagel)
+    check_weights(files.ae.name, vae)
     bagel.eval()
     vae.eval()
     random = bool(files.info.get("random_weights"))
     name = files.info.get("name") or files.root.name
-    tokenizer = Tokenizer.from_dir(files.root)
-    if tokenizer.vocab_size > cfg.lm.vocab_size:
+    try:
+        tokenizer = Tokenizer.from_dir(files.root)
+    except Exception as e:  # the tokenizers library raises bare Exceptions
+        raise CheckpointError(f"{files.root / 'tokenizer.json'}: cannot load ({e})") from None
+    if tokenizer.id_limit > cfg.lm.vocab_size:
         raise CheckpointError(
-            f"{files.root}: tokenizer has {tokenizer.vocab_size} ids but the model only "
-            f"{cfg.lm.vocab_size} embeddings"
+            f"{files.root}: tokenizer.json has ids up to {tokenizer.id_limit - 1} but the model "
+            f"only {cfg.lm.vocab_size} embeddings"
         )
     return LoadedModel(bagel, vae, tokenizer, name=name, random_weights=random)
 

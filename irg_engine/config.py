@@ -29,6 +29,10 @@ class LMConfig:
     head_dim: int = 0
 
     def __post_init__(self) -> None:
+        if min(self.num_heads, self.num_kv_heads) <= 0:
+            raise ValueError("num_heads and num_kv_heads must be positive")
+        if not (self.rope_theta > 0 and self.rms_eps > 0):
+            raise ValueError(f"rope_theta {self.rope_theta} and rms_eps {self.rms_eps} must be > 0")
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads")
@@ -52,10 +56,12 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
+        if self.num_heads <= 0 or self.hidden_size % self.num_heads:
             raise ValueError(f"ViT hidden_size {self.hidden_size} not divisible by num_heads")
         if self.num_layers <= 0:
             raise ValueError("ViT needs at least one layer")
+        if min(self.patch_size, self.max_patches_per_side) <= 0 or not self.layer_norm_eps > 0:
+            raise ValueError("ViT patch_size, image_size and layer_norm_eps must be positive")
 
 
 @dataclass(slots=True)

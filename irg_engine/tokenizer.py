@@ -48,6 +48,9 @@ class Tokenizer:
         self.vision_end = self._special_id(VISION_END)
         self.endoftext = self._special_id(ENDOFTEXT)
         self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+        # One past the largest id: ids need not be dense, and an id past the embedding rows
+        # would fail at request time.
+        self.id_limit: int = max(hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._byte_of = {c: b for b, c in bytes_to_unicode().items()}
         self._bytes_cache: dict[int, bytes] = {}
 

@@ -218,3 +218,65 @@ def test_loading_holds_one_copy_of_the_weights(golden, tmp_path):
     assert size > 400e6  # a few hundred MB of float32 weights
     print(f"loading peaked at {peak / size:.2f}x the weights")
     assert peak < 1.25 * size, f"loading peaked at {peak / size:.2f}x the weights"
+
+
+def test_non_finite_and_integer_weights_are_refused(golden_copy):
+    def poison(state):
+        state["vae2llm.weight"][0, 0] = float("nan")
+
+    _rewrite(golden_copy / "ema.safetensors", poison)
+    with pytest.raises(CheckpointError, match=r"ema\.safetensors: 1 tensors hold NaN or Inf"):
+        checkpoint.load(golden_copy)
+    _rewrite(golden_copy / "ema.safetensors", lambda s: s["vae2llm.weight"].nan_to_num_(0.0))
+
+    def to_int(state):
+        state["encoder.conv_in.bias"] = state["encoder.conv_in.bias"].to(torch.int32)
+
+    _rewrite(golden_copy / "ae.safetensors", to_int)
+    with pytest.raises(
+        CheckpointError, match=r"not floating point: encoder\.conv_in\.bias \(I32\)"
+    ):
+        checkpoint.load(golden_copy)
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_layer_count_the_weights_do_not_hold_fails_before_building(golden_copy):
+    _edit_json(golden_copy / "llm_config.json", lambda c: c.update(num_hidden_layers=10**6))
+    with pytest.raises(CheckpointError, match="num_hidden_layers 1000000, the weights hold 2"):
+        checkpoint.load(golden_copy)  # at once: no million-layer module is built first
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("rope_theta", 0), ("num_key_value_heads", 0), ("num_attention_heads", None)],
+)
+def test_absurd_config_values_are_a_checkpoint_error(golden_copy, key, value):
+    _edit_json(golden_copy / "llm_config.json", lambda c: c.update({key: value}))
+    with pytest.raises(CheckpointError, match="invalid config"):
+        checkpoint.load(golden_copy)
+
+
+def test_malformed_side_files_are_named(golden_copy):
+    (golden_copy / "tiny_model_info.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"tiny_model_info\.json: expected a JSON object"):
+        checkpoint.load(golden_copy)
+    (golden_copy / "tiny_model_info.json").unlink()
+    (golden_copy / "tokenizer.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: cannot load"):
+        checkpoint.load(golden_copy)
+
+
+def test_a_tokenizer_id_past_the_embedding_rows_is_refused(golden_copy):
+    # As many ids as rows, but one of them past the last row: every prompt using it would fail.
+    def move(tok):
+        vocab = tok["model"]["vocab"]
+        vocab[next(iter(vocab))] = 10**6
+
+    _edit_json(golden_copy / "tokenizer.json", move)
+    with pytest.raises(CheckpointError, match="ids up to 1000000"):
+        checkpoint.load(golden_copy)
