@@ -10,10 +10,13 @@ Readiness is the conjunction the load balancer needs: model loaded, engine healt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -25,6 +28,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("irg.server")
+T = TypeVar("T")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # After the engine has ended every request, answers still being written get this long.
@@ -44,6 +48,33 @@ def load_model(settings: Settings) -> LoadedModel:
     path = settings.model if settings.model is not None else ensure_default_model()
     dtype = DTYPES.get(settings.dtype)  # None ("auto"): the loader's choice per device
     return checkpoint.load(path, device=resolve_device(settings.device), dtype=dtype)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` in a daemon thread: unlike `asyncio.to_thread`'s pool, which the interpreter
+    joins at exit, a load still running (a slow disk, a config file that is a pipe) does not
+    keep a server asked to stop from exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if future.done():  # the awaiting task was cancelled
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome = (True, fn(*args))
+        except BaseException as error:  # handed to the awaiting task
+            outcome = (False, error)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="irg-load", daemon=True).start()
+    return await future
 
 
 def make_engine(model: LoadedModel, settings: Settings):
@@ -114,7 +145,7 @@ class ServerState:
         try:
             if self.model is None:
                 log.info("loading %s", self.settings.model or "the embedded tiny random model")
-                self.model = await asyncio.to_thread(load_model, self.settings)
+                self.model = await in_daemon_thread(load_model, self.settings)
             self.start()
         except Exception as exc:
             self.fatal = f"{type(exc).__name__}: {exc}"

@@ -7,6 +7,8 @@ the shutdown timeout finish, ends one that cannot with an `error` event (`shutdo
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import threading
 
@@ -84,6 +86,30 @@ def test_bad_model_path_exits_1(tmp_path):
     finally:
         log = proc.stop()
     assert "cannot start" in log
+
+
+def test_sigterm_while_the_model_loads_exits_at_once(tiny_dir, tmp_path):
+    """A load that cannot finish (here a config file that is a pipe nobody writes) does not
+    keep a server asked to stop alive."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "llm_config.json").unlink()
+    os.mkfifo(model / "llm_config.json")
+    proc = ServerProcess({"IRG_MODEL": str(model)})
+    try:
+        assert wait_for(lambda: _answers(proc.url + "/health"), timeout=60)
+        assert httpx.get(proc.url + "/ready", timeout=5).json()["reason"] == "loading model"
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=15) == 0
+    finally:
+        proc.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_probes_answer_while_the_model_loads(tiny_dir):
