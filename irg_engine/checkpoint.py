@@ -42,6 +42,7 @@ from irg_engine.published_names import (
     patch_shape,
     published_to_internal,
 )
+from irg_engine.tokenizer import Tokenizer
 
 WEIGHT_FILES = ("ema.safetensors", "ema_bf16.safetensors", "model.safetensors")
 INFO_FILE = "tiny_model_info.json"  # not published: written by tiny.py with the hard-coded values
@@ -203,34 +204,21 @@ def build_config(files: CheckpointFiles) -> BagelConfig:
     )
 
 
-def load(
-    root: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    vae_dtype: torch.dtype = torch.float32,
-) -> LoadedModel:
-    """Load a BAGEL-layout folder. dtype defaults to bf16 on CUDA and float32 elsewhere."""
-    from irg_engine.tokenizer import Tokenizer
-
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        keep_large_blocks()
-    files = find_files(Path(root))
-    cfg = build_config(files)
+def check_tensors(
+    files: CheckpointFiles, cfg: BagelConfig
+) -> tuple[Bagel, AutoEncoder, dict[str, str]]:
+    """Every tensor's name, shape and dtype against the modules `cfg` builds (on the meta device:
+    nothing is read but the headers). Returns the modules and the published -> internal names."""
     with torch.device("meta"):
         bagel, vae = Bagel(cfg), AutoEncoder(cfg.vae)
-
     headers: dict[str, tuple[list[int], str]] = {}
     for shard in files.bagel:
         headers.update(tensor_headers(shard))
     mapping, unknown = published_to_internal(headers, cfg)
-    expected = {k: v.shape for k, v in bagel.state_dict().items()}
     found = {mapping[k]: patch_shape(k, headers[k][0]) for k in mapping}
     found.update({k: headers[k][0] for k in unknown})
     weights = ", ".join(p.name for p in files.bagel)
-    check_names(weights, expected, found)
+    check_names(weights, {k: v.shape for k, v in bagel.state_dict().items()}, found)
     check_dtypes(weights, {k: headers[k] for k in mapping})
     ae_headers = tensor_headers(files.ae)
     check_dtypes(files.ae.name, ae_headers)
@@ -239,6 +227,39 @@ def load(
         {k: v.shape for k, v in vae.state_dict().items()},
         {k: s for k, (s, _) in ae_headers.items()},
     )
+    return bagel, vae, mapping
+
+
+def read_tokenizer(files: CheckpointFiles, cfg: BagelConfig) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_dir(files.root)
+    except Exception as e:  # the tokenizers library raises bare Exceptions
+        raise CheckpointError(f"{files.root / 'tokenizer.json'}: cannot load ({e})") from None
+    if tokenizer.id_limit > cfg.lm.vocab_size:
+        raise CheckpointError(
+            f"{files.root}: tokenizer.json has ids up to {tokenizer.id_limit - 1} but the model "
+            f"only {cfg.lm.vocab_size} embeddings"
+        )
+    return tokenizer
+
+
+def load(
+    root: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a BAGEL-layout folder. dtype defaults to bf16 on CUDA and float32 elsewhere."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        keep_large_blocks()
+    files = find_files(Path(root))
+    cfg = build_config(files)
+    bagel, vae, mapping = check_tensors(files, cfg)
+    tokenizer = read_tokenizer(files, cfg)
+    weights = ", ".join(p.name for p in files.bagel)
 
     state = {}
     joined = part_rows(bagel)  # q/k/v and gate/up parts: copied into their rows of one tensor
@@ -266,15 +287,6 @@ def load(
     vae.eval()
     random = bool(files.info.get("random_weights"))
     name = files.info.get("name") or files.root.name
-    try:
-        tokenizer = Tokenizer.from_dir(files.root)
-    except Exception as e:  # the tokenizers library raises bare Exceptions
-        raise CheckpointError(f"{files.root / 'tokenizer.json'}: cannot load ({e})") from None
-    if tokenizer.id_limit > cfg.lm.vocab_size:
-        raise CheckpointError(
-            f"{files.root}: tokenizer.json has ids up to {tokenizer.id_limit - 1} but the model "
-            f"only {cfg.lm.vocab_size} embeddings"
-        )
     return LoadedModel(bagel, vae, tokenizer, name=name, random_weights=random)
 
 

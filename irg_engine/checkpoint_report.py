@@ -1,14 +1,23 @@
 """What a checkpoint folder holds, for people: `python -m irg_engine.checkpoint inspect DIR`.
 
 Files and sizes, tensor counts, dtypes and parameter counts per top-level group (as the files
-name them), and the configuration the loader would build, with its overrides applied.
+name them), and the configuration the loader would build, with its overrides applied. It runs
+the loader's checks that need only the headers and the tokenizer (names, shapes, dtypes, token
+ids), so a folder that passes loads unless its weights hold NaN or Inf (which needs every byte
+read).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from irg_engine.checkpoint import build_config, find_files, tensor_headers
+from irg_engine.checkpoint import (
+    build_config,
+    check_tensors,
+    find_files,
+    read_tokenizer,
+    tensor_headers,
+)
 
 
 def _human(n: float) -> str:
@@ -23,6 +32,8 @@ def inspect(root: str | Path) -> str:
     """A human-readable summary of a checkpoint folder (files, tensors, parameters, config)."""
     files = find_files(Path(root))
     cfg = build_config(files)
+    check_tensors(files, cfg)
+    read_tokenizer(files, cfg)
     lines = [f"checkpoint {files.root}"]
     for p in sorted(files.root.iterdir()):
         if p.is_file():
@@ -53,6 +64,7 @@ def inspect(root: str | Path) -> str:
         f"z {vae.z_channels}, downsample {vae.downsample}",
         f"latent grid {cfg.max_latent_size}x{cfg.max_latent_size}, patch {cfg.latent_patch_size}",
     ]
+    lines.append("checks: tensor names, shapes and dtypes match the configuration; token ids fit")
     if files.info.get("random_weights"):
         lines.append("note: RANDOM weights (a tiny test model, not a trained checkpoint)")
     return "\n".join(lines)

@@ -153,6 +153,21 @@ def test_inspect_cli(golden):
     assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_inspect_names_a_mis_shaped_tensor(golden_copy):
+    _rewrite(
+        golden_copy / "ema.safetensors",
+        lambda s: s.update({"vae2llm.weight": torch.zeros(64, 32, dtype=torch.bfloat16)}),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "irg_engine.checkpoint", "inspect", str(golden_copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "1 mis-shaped: vae2llm.weight [64, 32]" in proc.stderr
+
+
 def test_tiny_checkpoint_round_trips_in_published_layout(tiny_dir, tiny_model, golden):
     golden_names = set(load_file(str(golden / "checkpoint" / "ema.safetensors")))
     tiny_names = set(load_file(str(tiny_dir / "ema.safetensors")))
