@@ -76,7 +76,8 @@ def _read_json(path: Path) -> dict:
 def find_files(root: Path) -> CheckpointFiles:
     root = Path(root)
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint folder {root} does not exist")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint folder {root} {what}")
     llm, vit = _read_json(root / "llm_config.json"), _read_json(root / "vit_config.json")
     bagel = [root / n for n in WEIGHT_FILES if (root / n).is_file()][:1]
     if not bagel:
@@ -89,7 +90,10 @@ def find_files(root: Path) -> CheckpointFiles:
         weight_map = _read_json(indexes[0]).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{indexes[0]}: no weight_map naming the shards")
-        bagel = [root / n for n in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        if outside := [n for n in names if not isinstance(n, str) or Path(n).name != n]:
+            raise CheckpointError(f"{indexes[0]}: shards must be files in the folder: {outside}")
+        bagel = [root / n for n in names]
         for shard in bagel:
             if not shard.is_file():
                 raise CheckpointError(
@@ -113,6 +117,21 @@ def tensor_headers(path: Path) -> dict[str, tuple[list[int], str]]:
             }
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def weight_headers(files: CheckpointFiles) -> dict[str, tuple[list[int], str]]:
+    """The BAGEL weights' headers over every shard; a tensor in two shards is an error (which
+    copy would load would depend on the read order)."""
+    headers: dict[str, tuple[list[int], str]] = {}
+    owner: dict[str, str] = {}
+    for shard in files.bagel:
+        for name, header in tensor_headers(shard).items():
+            if name in owner:
+                raise CheckpointError(
+                    f"{files.root}: {name} is in both {owner[name]} and {shard.name}"
+                )
+            headers[name], owner[name] = header, shard.name
+    return headers
 
 
 def _iter_tensors(path: Path, device: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -152,9 +171,7 @@ def _vae_config(ae: dict[str, tuple[list[int], str]], info: dict) -> VaeConfig:
 
 def build_config(files: CheckpointFiles) -> BagelConfig:
     llm, vit, info = files.llm_config, files.vit_config, files.info
-    headers = {}
-    for shard in files.bagel:
-        headers.update(tensor_headers(shard))
+    headers = weight_headers(files)
     try:
         lm = LMConfig(
             hidden_size=llm["hidden_size"],
@@ -211,9 +228,7 @@ def check_tensors(
     nothing is read but the headers). Returns the modules and the published -> internal names."""
     with torch.device("meta"):
         bagel, vae = Bagel(cfg), AutoEncoder(cfg.vae)
-    headers: dict[str, tuple[list[int], str]] = {}
-    for shard in files.bagel:
-        headers.update(tensor_headers(shard))
+    headers = weight_headers(files)
     mapping, unknown = published_to_internal(headers, cfg)
     found = {mapping[k]: patch_shape(k, headers[k][0]) for k in mapping}
     found.update({k: headers[k][0] for k in unknown})
@@ -285,7 +300,7 @@ def load(
     check_weights(files.ae.name, vae)
     bagel.eval()
     vae.eval()
-    random = bool(files.info.get("random_weights"))
+    random = files.info.get("random_weights") is True
     name = files.info.get("name") or files.root.name
     return LoadedModel(bagel, vae, tokenizer, name=name, random_weights=random)
 

@@ -65,6 +65,6 @@ def inspect(root: str | Path) -> str:
         f"latent grid {cfg.max_latent_size}x{cfg.max_latent_size}, patch {cfg.latent_patch_size}",
     ]
     lines.append("checks: tensor names, shapes and dtypes match the configuration; token ids fit")
-    if files.info.get("random_weights"):
+    if files.info.get("random_weights") is True:
         lines.append("note: RANDOM weights (a tiny test model, not a trained checkpoint)")
     return "\n".join(lines)

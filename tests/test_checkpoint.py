@@ -295,3 +295,24 @@ def test_a_tokenizer_id_past_the_embedding_rows_is_refused(golden_copy):
     _edit_json(golden_copy / "tokenizer.json", move)
     with pytest.raises(CheckpointError, match="ids up to 1000000"):
         checkpoint.load(golden_copy)
+
+
+def test_shards_must_be_distinct_files_in_the_folder(golden_copy):
+    state = load_file(str(golden_copy / "ema.safetensors"))
+    (golden_copy / "ema.safetensors").unlink()
+    names = sorted(state)
+    shards = {"a.safetensors": names[:60], "b.safetensors": names[50:]}  # 10 in both
+    for fname, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(golden_copy / fname))
+    index = golden_copy / "ema.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    with pytest.raises(CheckpointError, match=r"is in both a\.safetensors and b\.safetensors"):
+        checkpoint.load(golden_copy)
+    index.write_text(json.dumps({"weight_map": {names[0]: "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shards must be files in the folder"):
+        checkpoint.load(golden_copy)
+
+
+def test_a_file_for_a_folder_is_named_as_such(golden_copy):
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        checkpoint.load(golden_copy / "ema.safetensors")
