@@ -11,13 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from irg_engine.checkpoint import (
-    build_config,
-    check_tensors,
-    find_files,
-    read_tokenizer,
-    tensor_headers,
-)
+from irg_engine.checkpoint import build_config, check_tensors, read_tokenizer
+from irg_engine.checkpoint_files import find_files, tensor_headers
 
 
 def _human(n: float) -> str:
