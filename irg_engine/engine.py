@@ -233,7 +233,10 @@ class Engine:
             return fn(*args)
         except Exception as error:
             log.exception("request %s failed in the engine", req.id)
-            self._finish(req, ev.Failed("engine_error", f"{type(error).__name__}: {error}"))
+            # Flagged as a step fault is: cleared by the next good step or probe, so a fault
+            # that every request meets here shows on /ready.
+            self.guard.fault = f"{type(error).__name__}: {error}"
+            self._finish(req, ev.Failed("engine_error", self.guard.fault))
             return None
 
     def _start(self, req: Request) -> None:

@@ -3,21 +3,25 @@
 Signals: the first SIGTERM or SIGINT starts a drain instead of uvicorn's immediate shutdown:
 /ready and new requests answer 503, in-flight requests get up to `--shutdown-timeout` seconds to
 finish, the engine ends the rest with an `error` event, and then uvicorn stops and the process
-exits 0. A second signal stops at once. A model that cannot be loaded exits 1.
+exits 0. A second signal stops at once. A model that cannot be loaded exits 1. A signal during the
+model load exits at once, leaving the load unfinished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import uvicorn
 
 from server.app import create_app
 from server.settings import Settings, parse_settings
+from server.state import LOAD_THREAD
 
 log = logging.getLogger("irg.server")
 
@@ -78,6 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server = DrainingServer(config, settings)
     server.run()
+    if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
+        # Stopped while the model was loading: at interpreter exit that thread would be ended
+        # inside torch's C++ code, which aborts the process (SIGABRT instead of our exit code).
+        log.info("exiting with the model load unfinished")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(server.exit_code)
     return server.exit_code
 
 

@@ -33,6 +33,7 @@ T = TypeVar("T")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # After the engine has ended every request, answers still being written get this long.
 RESPONSE_FLUSH_S = 5.0
+LOAD_THREAD = "irg-load"  # the daemon thread that loads the model (see `in_daemon_thread`)
 
 
 def resolve_device(name: str) -> str:
@@ -73,7 +74,7 @@ async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=run, name="irg-load", daemon=True).start()
+    threading.Thread(target=run, name=LOAD_THREAD, daemon=True).start()
     return await future
 
 
