@@ -104,7 +104,7 @@ def build_config(files: CheckpointFiles) -> BagelConfig:
         raise CheckpointError(f"{files.root}: config is missing key {e}") from None
     except (ValueError, TypeError, ArithmeticError, AttributeError) as e:
         raise CheckpointError(f"{files.root}: invalid config ({type(e).__name__}: {e})") from None
-    check_layer_count(files.root, headers, lm.num_layers)
+    check_layer_count(files.root, headers, lm.num_layers, vit_cfg.num_layers)
     latent_shape = headers.get("latent_pos_embed.pos_embed", ([64 * 64, 1],))[0]
     side = round(latent_shape[0] ** 0.5) if latent_shape else 0
     if len(latent_shape) != 2 or side < 1 or side * side != latent_shape[0]:

@@ -262,8 +262,12 @@ def _edit_json(path, change):
 
 def test_a_layer_count_the_weights_do_not_hold_fails_before_building(golden_copy):
     _edit_json(golden_copy / "llm_config.json", lambda c: c.update(num_hidden_layers=10**6))
-    with pytest.raises(CheckpointError, match="num_hidden_layers 1000000, the weights hold 2"):
+    with pytest.raises(CheckpointError, match=r"llm_config\.json asks for 1000000 layers"):
         checkpoint.load(golden_copy)  # at once: no million-layer module is built first
+    _edit_json(golden_copy / "llm_config.json", lambda c: c.update(num_hidden_layers=2))
+    _edit_json(golden_copy / "vit_config.json", lambda c: c.update(num_hidden_layers=10**5))
+    with pytest.raises(CheckpointError, match=r"vit_config\.json asks for 99999 layers"):
+        checkpoint.load(golden_copy)
 
 
 @pytest.mark.parametrize(
