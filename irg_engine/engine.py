@@ -233,9 +233,9 @@ class Engine:
             return fn(*args)
         except Exception as error:
             log.exception("request %s failed in the engine", req.id)
-            # Flagged as a step fault is: cleared by the next good step or probe, so a fault
+            # Flagged as a step's fault is (cleared by the next good step or probe), so a fault
             # that every request meets here shows on /ready.
-            self.guard.fault = f"{type(error).__name__}: {error}"
+            self.guard.flag(f"{type(error).__name__}: {error}")
             self._finish(req, ev.Failed("engine_error", self.guard.fault))
             return None
 

@@ -42,8 +42,14 @@ class StepGuard:
         log.error("engine step failed; retrying item by item", exc_info=error)
         errors = [self._try([sch]) for sch in scheduled]
         if all(errors):  # flagged before the failures go out, so readers see it with them
-            self.fault = f"{type(error).__name__}: {error}"
+            self.flag(f"{type(error).__name__}: {error}")
         return errors
+
+    def flag(self, fault: str) -> None:
+        """Record an engine fault; the first probe comes `PROBE_INTERVAL_S` later, so the flag
+        is seen even when nothing else runs."""
+        self.fault = fault
+        self._probed = time.monotonic()
 
     def probe(self) -> None:
         """Call when the engine has no model work: one token alone, if a fault is flagged and

@@ -460,5 +460,25 @@ def test_an_engine_error_in_one_requests_handling_ends_it_alone(tiny_model, wher
     engine.run_until_idle()
     assert isinstance(bad[-1], ev.Failed) and bad[-1].code == "engine_error", bad[-1]
     assert isinstance(good[-1], ev.Finished)
+    assert engine.stats().healthy  # the good request's later steps cleared the flag
     engine.clear_prefix_cache()
     assert engine.pool.num_used == 0
+
+
+def test_an_engine_error_every_request_meets_outside_the_forward_flags_a_fault(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(decode_graphs="off"))
+
+    def broken_lookup(key, seq):
+        raise RuntimeError("prefix cache broken")
+
+    engine.prefix_cache.adopt = broken_lookup  # every request looks its system prompt up
+    events = {i: [] for i in range(2)}
+    for i in range(2):
+        engine.add(
+            Request(str(i), RecipeParams("a fox", recipe="think_t2i", **SMALL), events[i].append)
+        )
+    engine.run_until_idle()
+    assert [(e[-1].code, e[-1].message) for e in events.values()] == [
+        ("engine_error", "RuntimeError: prefix cache broken")
+    ] * 2
+    assert not engine.stats().healthy and "prefix cache broken" in engine.stats().fault
