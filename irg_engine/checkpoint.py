@@ -138,7 +138,7 @@ def check_tensors(
     mapping, unknown = published_to_internal(headers, cfg)
     found = {mapping[k]: patch_shape(k, headers[k][0]) for k in mapping}
     found.update({k: headers[k][0] for k in unknown})
-    weights = ", ".join(p.name for p in files.bagel)
+    weights = files.weights_name
     check_names(weights, {k: v.shape for k, v in bagel.state_dict().items()}, found)
     check_dtypes(weights, {k: headers[k] for k in mapping})
     ae_headers = tensor_headers(files.ae)
@@ -180,7 +180,6 @@ def load(
     cfg = build_config(files)
     bagel, vae, mapping = check_tensors(files, cfg)
     tokenizer = read_tokenizer(files, cfg)
-    weights = ", ".join(p.name for p in files.bagel)
 
     state = {}
     joined = part_rows(bagel)  # q/k/v and gate/up parts: copied into their rows of one tensor
@@ -202,7 +201,7 @@ def load(
     del state
     vae_state = {n: t.to(device=device, dtype=vae_dtype) for n, t in iter_tensors(files.ae, "cpu")}
     vae.load_state_dict(vae_state, assign=True, strict=True)
-    check_weights(weights, bagel)
+    check_weights(files.weights_name, bagel)
     check_weights(files.ae.name, vae)
     bagel.eval()
     vae.eval()

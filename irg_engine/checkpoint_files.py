@@ -31,6 +31,11 @@ class CheckpointFiles:
     vit_config: dict
     info: dict = field(default_factory=dict)
 
+    @property
+    def weights_name(self) -> str:
+        """The BAGEL weight files, as messages name them."""
+        return ", ".join(p.name for p in self.bagel)
+
 
 def _read_json(path: Path) -> dict:
     try:
