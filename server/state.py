@@ -52,9 +52,9 @@ def load_model(settings: Settings) -> LoadedModel:
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` in a daemon thread: unlike `asyncio.to_thread`'s pool, which the interpreter
-    joins at exit, a load still running (a slow disk, a config file that is a pipe) does not
-    keep a server asked to stop from exiting."""
+    """`fn(*args)` in a daemon thread: `asyncio.to_thread`'s pool is waited for when
+    `asyncio.run` ends, so a load still running (a slow disk, a config file that is a pipe)
+    kept a server asked to stop from exiting. (`server.__main__` then leaves with `os._exit`.)"""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
