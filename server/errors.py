@@ -1,9 +1,11 @@
 """Every error the server answers with, in one JSON shape, and the handlers that produce it.
 
-Shape: `{"error": {"code", "message", "param", "value", "limit"}}`. Route code raises `ApiError`;
-FastAPI's request validation errors (normally a 422 with its own shape) are rewritten here into a
-400 naming the first bad parameter, its value and the limit it broke; anything unexpected becomes
-a 500 without internals. Streams report errors as `error` events with the same fields instead.
+Shape: `{"error": {"code", "message", "type", "param", "value", "limit"}}`, `type` as OpenAI's
+clients read it (`invalid_request_error` for 4xx, `server_error` for 5xx). Route code raises
+`ApiError`; FastAPI's request validation errors (normally a 422 with its own shape) are rewritten
+here into a 400 naming the first bad parameter, its value and the limit it broke; anything
+unexpected becomes a 500 without internals. Streams report errors as `error` events with the same
+fields instead.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return error_body(self.code, self.message, self.param, self.value, self.limit)
+        return error_body(self.code, self.message, self.status, self.param, self.value, self.limit)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -83,17 +85,27 @@ def text(value: str) -> str:
 
 
 def error_body(
-    code: str, message: str, param: str | None = None, value: Any = None, limit: Any = None
+    code: str,
+    message: str,
+    status: int,
+    param: str | None = None,
+    value: Any = None,
+    limit: Any = None,
 ) -> dict:
     return {
         "error": {
             "code": code,
             "message": text(message),
+            "type": error_type(status),
             "param": None if param is None else text(param),
             "value": echo(value),
             "limit": echo(limit),
         }
     }
+
+
+def error_type(status: int) -> str:
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 # pydantic error types -> (our code, the context key that holds the limit)

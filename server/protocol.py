@@ -126,6 +126,7 @@ class GenerateResponse(BaseModel):
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    type: Literal["invalid_request_error", "server_error"]
     param: str | None = None
     value: object | None = None
     limit: object | None = None
@@ -175,7 +176,7 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
-    usage: dict[str, int]
+    usage: dict[str, int | dict[str, int]]
 
 
 class ModelCard(BaseModel):

@@ -36,6 +36,9 @@ def test_probes_and_models_say_random_weights(http):
     models = http.get("/v1/models").json()
     card = models["data"][0]
     assert card["random_weights"] is True and "random" in card["id"]
+    assert http.get(f"/v1/models/{card['id']}").json() == card  # OpenAI's models.retrieve
+    missing = http.get("/v1/models/gpt-image-1")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_json_answer(http):
@@ -149,7 +152,13 @@ def test_openai_images_json_and_stream(http):
     out = r.json()
     assert len(out["data"]) == 2 and out["created"] > 0
     assert all(png_size(d["b64_json"]) == (32, 32) for d in out["data"])
-    assert out["usage"]["total_tokens"] > 0
+    usage = out["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
+    # OpenAI's ImagesResponse requires the details (typed clients reject an answer without them).
+    assert usage["input_tokens_details"] == {
+        "text_tokens": usage["input_tokens"],
+        "image_tokens": 0,
+    }
 
     body |= {"n": 1, "stream": True, "partial_images": 2}
     with http.stream("POST", "/v1/images/generations", json=body) as r:
@@ -174,6 +183,7 @@ def test_openai_errors_use_the_same_shape(http):
     r = http.post("/v1/images/generations", json={"prompt": "x", "size": "100x100"})
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "size"
+    assert r.json()["error"]["type"] == "invalid_request_error"  # what OpenAI's clients read
     r = http.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
 

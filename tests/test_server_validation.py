@@ -133,7 +133,8 @@ IMAGES_CAP_CASES = [
 def assert_names(r, param, value, limit) -> dict:
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert set(error) == {"code", "message", "param", "value", "limit"}
+    assert set(error) == {"code", "message", "type", "param", "value", "limit"}
+    assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
     assert error["message"]
     if value is not ...:
@@ -217,6 +218,7 @@ def test_unknown_missing_and_malformed(http):
     assert r.json()["error"] == {
         "code": "missing_parameter",
         "message": "prompt is required",
+        "type": "invalid_request_error",
         "param": "prompt",
         "value": None,
         "limit": None,

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from irg_engine.events import Failed, Finished, ImageDone, ImagePartial
 from server import caps, sse
 from server.connection import unless_disconnected
-from server.errors import ApiError, invalid
+from server.errors import ApiError, error_type, invalid
 from server.job import KEEPALIVE, Job
 from server.params import deadline_seconds, to_recipe_params
 from server.protocol import (
@@ -36,7 +36,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
-from server.result import failure_error, png_b64
+from server.result import FAILURE_STATUS, failure_error, png_b64
 from server.routes import state_of
 from server.settings import Settings
 
@@ -77,7 +77,12 @@ def as_generate(req: ImagesRequest, seed: int, settings: Settings) -> GenerateRe
 def usage(done: list[Finished]) -> dict[str, int]:
     prompt = sum(d.usage.get("prompt_tokens", 0) for d in done)
     generated = sum(d.usage.get("generated_tokens", 0) for d in done)
-    return {"input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},  # text prompts only
+        "output_tokens": generated,
+        "total_tokens": prompt + generated,
+    }
 
 
 def revised_prompt(done: Finished) -> str | None:
@@ -164,7 +169,12 @@ class ImagesStream:
             return await self._image_frame(kind, self.image, usage=usage([event]))
         if isinstance(event, Failed | Finished):
             failed = event if isinstance(event, Failed) else Failed("engine_error", "no image")
-            error = {"code": failed.code, "message": failed.message, "request_id": self.job.id}
+            error = {
+                "code": failed.code,
+                "message": failed.message,
+                "type": error_type(FAILURE_STATUS.get(failed.code, 500)),
+                "request_id": self.job.id,
+            }
             return self.ids.frame("error", {"type": "error", "error": error})
         return None
 
@@ -237,11 +247,26 @@ async def images_generations(body: ImagesRequest, request: Request):
     return JSONResponse(await unless_disconnected(request, collect()))
 
 
-@router.get("/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
-async def models(request: Request) -> ModelList:
+def _card(request: Request) -> ModelCard:
     state = state_of(request)
     model = state.loaded_model()
-    card = ModelCard(
+    return ModelCard(
         id=state.model_id, created=int(state.started_at), random_weights=model.random_weights
     )
-    return ModelList(data=[card])
+
+
+@router.get("/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
+async def models(request: Request) -> ModelList:
+    return ModelList(data=[_card(request)])
+
+
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelCard,
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+)
+async def model(model_id: str, request: Request) -> ModelCard:
+    card = _card(request)
+    if model_id != card.id:
+        raise ApiError(404, "model_not_found", f"this server serves {card.id!r}", "model", model_id)
+    return card
