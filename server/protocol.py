@@ -145,6 +145,19 @@ class ImagesRequest(Strict):
     # OpenAI clients send fields this server has no use for (quality, style, user...): those
     # are declared below and ignored; anything else is an error as on /generate.
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """OpenAI's API takes null for every optional field (its clients send it for None):
+        such a field is left unset, so it takes its default."""
+        if isinstance(data, dict):
+            # (An unknown field stays, null or not, for the unknown-field error.)
+            fields = cls.model_fields
+            return {
+                k: v for k, v in data.items() if v is not None or k == "prompt" or k not in fields
+            }
+        return data
+
     prompt: str = Field(min_length=1, max_length=100_000)
     model: str | None = None
     n: int = Field(default=1, ge=1, le=4)

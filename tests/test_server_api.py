@@ -179,6 +179,19 @@ def test_openai_stream_without_refine_rounds_sends_every_partial_image(http):
     assert sse.names == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
 
 
+def test_openai_null_fields_take_their_defaults(http):
+    # What OpenAI's Python client sends for arguments given as None.
+    body = {"prompt": "a lighthouse", "size": "32x32", "num_timesteps": 3, "max_think_tokens": 4}
+    nulls = dict.fromkeys(["n", "response_format", "output_format", "stream", "partial_images"])
+    r = http.post("/v1/images/generations", json={**body, **nulls, "seed": None})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1
+    r = http.post("/v1/images/generations", json={**body, "prompt": None})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = http.post("/v1/images/generations", json={**body, "sise": None})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sise"
+
+
 def test_openai_errors_use_the_same_shape(http):
     r = http.post("/v1/images/generations", json={"prompt": "x", "size": "100x100"})
     assert r.status_code == 400
