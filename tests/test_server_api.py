@@ -160,13 +160,14 @@ def test_openai_images_json_and_stream(http):
         "image_tokens": 0,
     }
 
-    body |= {"n": 1, "stream": True, "partial_images": 2}
+    body |= {"n": 1, "stream": True, "partial_images": 2, "background": "transparent"}
     with http.stream("POST", "/v1/images/generations", json=body) as r:
         sse = read_sse(r)
     assert sse.names == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [d["partial_image_index"] for d in sse.of("image_generation.partial_image")] == [0, 1]
     completed = sse.of("image_generation.completed")[0]
     assert completed["type"] == "image_generation.completed"
+    assert completed["background"] == "opaque"  # what was drawn (RGB), not what was asked
     assert png_size(completed["b64_json"]) == (32, 32) and completed["usage"]["total_tokens"] > 0
 
 

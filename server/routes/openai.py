@@ -122,8 +122,9 @@ class ImagesStream:
         self.final_round, self.limit = final_round, req.partial_images
         self.meta = {
             "size": f"{job.params.width}x{job.params.height}",  # the size drawn, "auto" resolved
-            "quality": req.quality or "auto",
-            "background": req.background or "opaque",
+            # What was drawn, not what was asked: quality and background are not settings here.
+            "quality": "auto",
+            "background": "opaque",
             "output_format": "png",
         }
         self.ids = sse.EventIds()
