@@ -358,6 +358,25 @@ def test_async_client_streams_and_aborts(tiny_model):
     asyncio.run(main())
 
 
+def test_an_idle_engine_gives_its_free_heap_back_once(tiny_model, monkeypatch):
+    trims = []
+    monkeypatch.setattr("irg_engine.client.IDLE_TRIM_S", 0.2)
+    monkeypatch.setattr("irg_engine.client.release_free_memory", lambda: trims.append(1))
+
+    async def main():
+        client = EngineClient(tiny_model)
+        client.start()
+        await asyncio.sleep(0.5)
+        assert trims == []  # nothing ran yet: nothing to give back
+        async for _ in client.submit(RecipeParams("a fox", recipe="t2i", **SMALL)):
+            pass
+        await asyncio.sleep(1.0)
+        assert trims == [1]  # once per idle spell, not every pass of the loop
+        await client.shutdown(5)
+
+    asyncio.run(main())
+
+
 @pytest.mark.gpu
 def test_engine_on_cuda_matches_the_cpu_reference(tiny_dir, tiny_model):
     from irg_engine import checkpoint

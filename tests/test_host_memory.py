@@ -1,5 +1,5 @@
 """keep_large_blocks: after it, a large tensor comes from the heap rather than a fresh mmap, and
-other threads allocate from the same heap."""
+other threads allocate from the same heap; release_free_memory gives the kept free heap back."""
 
 import ctypes
 import ctypes.util
@@ -106,3 +106,32 @@ def test_upload_to_the_gpu_is_queued_and_exact():
     assert up.device.type == "cuda" and torch.equal(up.cpu(), expected)
     assert torch.isfinite(busy).all()
     assert upload(up, dev) is up  # already there: no copy
+
+
+FREE_HEAP = textwrap.dedent(
+    """
+    import torch
+    from irg_engine.host_memory import keep_large_blocks, release_free_memory
+
+    def rss_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) // 1024
+
+    assert keep_large_blocks()
+    big = torch.ones(256 * 2**18)  # 256 MiB, touched
+    del big
+    kept = rss_mb()  # the free block stays in the heap
+    assert release_free_memory()
+    print(kept - rss_mb())
+    """
+)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_the_kept_free_heap_goes_back_on_request():
+    out = subprocess.run(
+        [sys.executable, "-c", FREE_HEAP], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) > 200  # MiB given back
