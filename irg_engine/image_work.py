@@ -125,6 +125,7 @@ class ImageWork:
                 job = self._queue.popleft()
                 self._working += 1
             self._run(job)
+            del job  # else it holds the request's program and result until the next job comes
             with self._cond:
                 self._working -= 1
 

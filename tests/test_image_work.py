@@ -3,8 +3,10 @@ how the engine splits CPU threads between its loop and the image worker; and the
 device policy (the loop helps on the CPU; on CUDA jobs run on a worker's stream, ordered after
 the loop's work before them and not behind its work after them)."""
 
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -161,3 +163,27 @@ def test_lane_jobs_on_cuda_wait_for_the_loops_stream_and_not_for_later_steps(tin
     finally:
         torch.cuda.synchronize()
         engine.close()
+
+
+def test_an_idle_worker_holds_no_finished_job():
+    """A job's program and result are the request's: once handed back, nothing here keeps them."""
+
+    class Result:
+        pass
+
+    work = ImageWork(1)
+    made = []
+
+    def job():
+        made.append(result := Result())
+        return result
+
+    work.submit("r", object(), job)
+    while not (done := work.finished()):
+        work.wait(0.05)
+    gone = weakref.ref(made.pop())
+    del done
+    time.sleep(0.1)  # the worker is back waiting for the next job
+    gc.collect()
+    assert gone() is None
+    work.close()
