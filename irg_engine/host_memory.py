@@ -7,9 +7,10 @@ pays page faults and the kernel's zeroing on first touch, every time. On the 2-c
 made a 512x512x32 3x3 conv take 110 ms instead of 51 and a silu over it 28 ms instead of 8.5.
 Raising the mmap and trim thresholds keeps those blocks in the heap, as jemalloc or tcmalloc
 would. `checkpoint.load` applies it for models on the CPU; the cost is that freed memory up to
-the thresholds stays with the process instead of going back to the system (a server's RSS grew
-from 2.4 to 4.1 GB under a mixed load and stayed there), so the engine client gives it back with
-`release_free_memory` once the engine has been idle a while.
+the thresholds, and free space below live blocks, stays with the process instead of going back
+to the system (a server's RSS grew from 0.85 to a 4.1 GB plateau under a mixed load with ~0.6 GB
+in use), so the engine client gives it back with `release_free_memory` once the engine has been
+idle a while; under constant load it stays at that plateau.
 
 Every thread also allocates from the one main heap. glibc otherwise gives other threads their own
 arenas, whose heaps are at most 64 MiB and are trimmed and unmapped as they empty, so the engine's
