@@ -84,12 +84,15 @@ async def event_payload(event: object, request_id: str, model: str) -> tuple[str
     return None  # Started: internal
 
 
+def failure_status(code: str) -> int:
+    return FAILURE_STATUS.get(code, 500)
+
+
 def failure_error(failed: Failed) -> ApiError:
     # OpenAI's clients retry every 5xx twice unless told not to: a request that ran out of its
     # own deadline would run in full again each time.
     headers = {"x-should-retry": "false"} if failed.code == "timeout" else None
-    status = FAILURE_STATUS.get(failed.code, 500)
-    return ApiError(status, failed.code, failed.message, headers=headers)
+    return ApiError(failure_status(failed.code), failed.code, failed.message, headers=headers)
 
 
 class Result:

@@ -36,7 +36,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
-from server.result import FAILURE_STATUS, failure_error, png_b64
+from server.result import failure_error, failure_status, png_b64
 from server.routes import state_of
 from server.settings import Settings
 
@@ -74,7 +74,7 @@ def as_generate(req: ImagesRequest, seed: int, settings: Settings) -> GenerateRe
     )
 
 
-def usage(done: list[Finished]) -> dict[str, int]:
+def usage(done: list[Finished]) -> dict[str, int | dict[str, int]]:
     prompt = sum(d.usage.get("prompt_tokens", 0) for d in done)
     generated = sum(d.usage.get("generated_tokens", 0) for d in done)
     return {
@@ -173,7 +173,7 @@ class ImagesStream:
             error = {
                 "code": failed.code,
                 "message": failed.message,
-                "type": error_type(FAILURE_STATUS.get(failed.code, 500)),
+                "type": error_type(failure_status(failed.code)),
                 "request_id": self.job.id,
             }
             return self.ids.frame("error", {"type": "error", "error": error})
