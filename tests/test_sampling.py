@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from irg_engine.sampler import CDF_BLOCK, sample_rows, sample_token, softmax_weights
+from irg_engine.sampler import CDF_BLOCK, LOG2E, sample_rows, sample_token, softmax_weights
 
 
 def test_draws_follow_the_softmax_across_blocks():
@@ -50,13 +50,15 @@ def test_a_row_draws_the_same_token_alone_and_in_a_batch():
 
 
 def test_weights_under_float32s_normal_range_are_zero():
-    # Exactly they would be denormals (or 0 below -103.97): exp's slow path on some CPUs.
-    logits = torch.tensor([[0.0, -1.0, -86.0, -86.9, -87.2, -90.0, -100.0, -200.0, float("-inf")]])
-    weights = softmax_weights(logits, torch.tensor([[1.0]]))
-    assert torch.equal(weights[0, :3], torch.exp(logits[0, :3]))
-    assert torch.exp(logits[0, 3:7]).gt(0).all() and weights[0, 3:].eq(0).all()
+    # Below 2**-125.5 of the top weight (a natural-log gap of 86.99) they would be denormals or
+    # nearly so (or 0 below -103.97): a slow path on some CPUs. (The scaled argument near -125
+    # carries an ulp of ~8e-6, ~5e-6 relative after exp2.)
+    logits = torch.tensor([[0.0, -1.0, -86.0, -86.9, -87.1, -90.0, -100.0, -200.0, float("-inf")]])
+    weights = softmax_weights(logits, torch.tensor([[LOG2E]]))
+    assert torch.allclose(weights[0, :4], torch.exp(logits[0, :4]), rtol=2e-5, atol=0)
+    assert torch.exp(logits[0, 4:7]).gt(0).all() and weights[0, 4:].eq(0).all()
     # The same through the temperature: -30 at T 0.3 is -100 after scaling.
-    hot = softmax_weights(torch.tensor([[0.0, -30.0]]), torch.tensor([[1 / 0.3]]))
+    hot = softmax_weights(torch.tensor([[0.0, -30.0]]), torch.tensor([[LOG2E / 0.3]]))
     assert hot[0, 0] == 1 and hot[0, 1] == 0
 
 
