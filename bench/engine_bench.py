@@ -5,10 +5,11 @@
 
 The tiny preset runs the same IRG requests (same seeds, same settings) twice: one after another
 through the reference recipes, then all at once through the engine, and reports throughput,
-latency percentiles and `speedup_vs_sequential`. Both sides get the same CPU threads (`--threads`,
-all cores by default): the sequential run as torch's thread count, the engine as its
-`cpu_threads`, which its loop and image worker share. With `--json` stdout holds one JSON object
-and nothing else (the table goes to stderr).
+latency percentiles and `speedup_vs_sequential`. With `--repeat N` the two halves alternate N
+times and the times are medians (a shared VM's slow spells move single runs by 10-20%). Both
+sides get the same CPU threads (`--threads`, all cores by default): the sequential run as torch's
+thread count, the engine as its `cpu_threads`, which its loop and image worker share. With
+`--json` stdout holds one JSON object and nothing else (the table goes to stderr).
 """
 
 from __future__ import annotations
@@ -108,10 +109,15 @@ def tiny_bench(args: argparse.Namespace) -> dict:
         model = checkpoint.load(write_tiny(Path(tmp) / "tiny"))
     params = requests(args)
     run(model, RecipeParams("warm-up", width=32, height=32, num_timesteps=2, max_think_tokens=2))
-    seq_total, seq_lat = run_sequential(model, params)
-    eng_total, eng_lat, counters = run_engine(
-        model, params, args.concurrency, args.image_workers, threads
-    )
+    # The halves alternate, so a slow spell of a shared machine falls on both.
+    seq_runs, eng_runs = [], []
+    for _ in range(args.repeat):
+        seq_runs.append(run_sequential(model, params))
+        eng_runs.append(run_engine(model, params, args.concurrency, args.image_workers, threads))
+    seq_total = statistics.median(total for total, _ in seq_runs)
+    eng_total = statistics.median(total for total, _, _ in eng_runs)
+    seq_lat = [t for _, lat in seq_runs for t in lat]
+    eng_lat = [t for _, lat, _ in eng_runs for t in lat]
     n = len(params)
     return {
         "preset": "tiny",
@@ -123,16 +129,20 @@ def tiny_bench(args: argparse.Namespace) -> dict:
         "think_tokens": args.think_tokens,
         "threads": threads,
         "image_workers": args.image_workers,
+        "repeat": args.repeat,
         "sequential_s": round(seq_total, 3),
         "engine_s": round(eng_total, 3),
         "sequential_requests_per_s": round(n / seq_total, 4),
         "engine_requests_per_s": round(n / eng_total, 4),
         "speedup_vs_sequential": round(seq_total / eng_total, 3),
+        "speedup_each_repeat": [
+            round(s[0] / e[0], 3) for s, e in zip(seq_runs, eng_runs, strict=True)
+        ],
         "sequential_p50_s": round(statistics.median(seq_lat), 3),
         "sequential_p99_s": round(percentile(seq_lat, 99), 3),
         "engine_p50_s": round(statistics.median(eng_lat), 3),
         "engine_p99_s": round(percentile(eng_lat, 99), 3),
-        **counters,
+        **eng_runs[-1][2],
     }
 
 
@@ -187,10 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="engine threads for VAE encodes/decodes beside the step loop",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run both halves this many times, alternating; times are medians, latencies pooled",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args, rest = p.parse_known_args(argv)  # bagel-7b passes its own flags on to gpu_bench
     if args.preset == "tiny" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.preset == "bagel-7b":
         from gpu_bench import main as gpu_main  # the full-size benchmark needs a GPU
 
