@@ -172,6 +172,9 @@ class DecodeAhead:
         if fed != list(range(len(tokens))):  # else all of them in order: no index copy
             # (uploaded: a blocking copy would wait for the step still running)
             tokens = tokens.index_select(0, upload(torch.tensor(fed), tokens.device))
+        # A row that drew NO_TOKEN is rolled back once read; until then it must not index the
+        # embedding (on a GPU an out-of-range id is a device-side assert, fatal to the context).
+        tokens = tokens.clamp(min=0)
         rows: list[AheadRow] = []
         try:
             for item in items:

@@ -14,6 +14,10 @@ together would be drawn with a probability under 1e-32): results below float32's
 entries), and at temperature 0.3 most of a 152k vocabulary lies there. Their arguments become
 -inf, whose exp2 is 0 on the fast path.
 
+A row whose logits give no distribution (NaN anywhere, +inf, or -inf everywhere: a broken model
+or an overflow) draws `NO_TOKEN`, which `Decoded.checked` turns into `NonFiniteLogits` for that
+request alone; otherwise the CDF inversion would hand it the vocabulary's last token.
+
 `sample_rows` draws all of a step's rows in one pass of tensor ops on the device that holds the
 logits: only the uniform numbers (from each request's host generator) go up and only the tokens
 come back, so a GPU step copies no logits to the host. None of a row's numbers depends on the
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from irg_engine.host_memory import upload
 
 CDF_BLOCK = 1024
+NO_TOKEN = -1  # drawn where the logits are not finite; never fed to the model
 LOG2E = 1.4426950408889634
 EXP2_FLOOR = -125.5  # 2**-125.5 ~ 1.66e-38 is a normal float32; 2**-126.5 is not
 
@@ -57,7 +62,9 @@ def draw_rows(
     tokens = torch.zeros(len(temperatures), dtype=torch.long, device=dev)
     if cold:  # (argmax over only the greedy rows: on the CPU it costs ~0.15 ms a row)
         picked = _pick(cold, len(temperatures), dev)
-        tokens[picked] = logits[picked].argmax(1)
+        # max's index is argmax's (the first maximum); a NaN or infinite maximum is no token.
+        top, best = logits[picked].max(1)
+        tokens[picked] = best.masked_fill_(~top.isfinite(), NO_TOKEN)
     if not hot:
         return tokens
     picked = _pick(hot, len(temperatures), dev)
@@ -90,7 +97,8 @@ def draw_rows(
     # The block's float32 sum and its float64 running sum can differ in the last bits: a draw in
     # that sliver takes the block's last token rather than spilling into the next block.
     offset = torch.minimum(torch.searchsorted(inner, u - before, right=True), last)
-    tokens[picked] = (start + offset).squeeze(1)
+    # A finite row's top weight is exp2(0) = 1; a NaN anywhere makes the total NaN.
+    tokens[picked] = (start + offset).squeeze(1).masked_fill_(~(cdf[:, -1] >= 1), NO_TOKEN)
     return tokens
 
 

@@ -288,7 +288,7 @@ def continuation(ids: list[int], n: int):
         step = yield DecodeStep(ctx, ids[-1], last=n == 1)
         out: list[int] = []
         while len(out) < n:
-            out.append(step.token)  # temperature 0: the argmax
+            out.append(step.checked())  # temperature 0: the argmax
             if len(out) < n:
                 step = yield DecodeStep(ctx, out[-1], last=len(out) == n - 1)
         return out

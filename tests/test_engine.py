@@ -18,7 +18,7 @@ from irg_engine.engine import Engine
 from irg_engine.parity import rel_l2
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.recipes.params import Observer
-from irg_engine.recipes.work import DecodeStep, PrefillText, ReadKV
+from irg_engine.recipes.work import DecodeStep, NonFiniteLogits, PrefillText, ReadKV
 from irg_engine.request import Request
 
 SMALL = dict(width=32, height=32, num_timesteps=3, max_think_tokens=5)
@@ -501,3 +501,54 @@ def test_an_engine_error_every_request_meets_outside_the_forward_flags_a_fault(t
         ("engine_error", "RuntimeError: prefix cache broken")
     ] * 2
     assert not engine.stats().healthy and "prefix cache broken" in engine.stats().fault
+
+
+class Fed(Observer):
+    """The ids a request fed the model: in text segments, and at its decode steps."""
+
+    def __init__(self):
+        self.segments, self.decoded = [], []
+
+    def text_segment(self, context, ids, start):
+        self.segments += ids
+
+    def text_token(self, stage, round, token, position, logits):
+        self.decoded.append(token)
+
+
+@pytest.mark.parametrize("decode_graphs", ["off", "static"])
+def test_a_request_whose_logits_are_not_finite_fails_alone(tiny_model, decode_graphs):
+    """A token whose embedding is NaN, drawn mid-think by one request: the step that feeds it
+    has no finite logits. That request fails with a clear error (it drew the vocabulary's last
+    token before), the reference recipes raise the same, and the sampling request beside it is
+    untouched. With decode steps run ahead, the NaN row's step is launched from tokens still on
+    the device, and the launch after it must not feed its non-token to the embedding."""
+    bad_params = RecipeParams("a purple zebra", recipe="think_t2i", **SMALL)
+    bad_params = replace(bad_params, max_think_tokens=10)
+    good_params = replace(bad_params, prompt="a fox", temperature=1.0)
+    bad_fed, good_fed = Fed(), Fed()
+    run(tiny_model, bad_params, bad_fed)
+    run(tiny_model, good_params, good_fed)
+    fed_before = {*bad_fed.segments, *bad_fed.decoded[:3], *good_fed.segments, *good_fed.decoded}
+    poison = next(t for t in bad_fed.decoded[3:] if t not in fed_before)
+    weight = tiny_model.bagel.lm.embed_tokens.weight
+    saved = weight[poison].clone()
+    with torch.no_grad():
+        weight[poison] = float("nan")
+    try:
+        with pytest.raises(NonFiniteLogits):
+            run(tiny_model, bad_params)
+        engine = Engine(tiny_model, EngineConfig(decode_graphs=decode_graphs))
+        good, bad = [], []
+        engine.add(Request("bad", bad_params, bad.append))
+        engine.add(Request("good", good_params, good.append))
+        engine.run_until_idle()
+        assert isinstance(bad[-1], ev.Failed) and "not finite" in bad[-1].message
+        reference = run(tiny_model, good_params)
+        assert [t["text"] for t in good[-1].texts] == [t.text for t in reference.texts]
+        assert engine.runner.ahead.enabled == (decode_graphs == "static")
+        engine.clear_prefix_cache()
+        assert engine.pool.num_used == 0
+    finally:
+        with torch.no_grad():
+            weight[poison] = saved

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from irg_engine.sampler import CDF_BLOCK, LOG2E, sample_rows, sample_token, softmax_weights
+from irg_engine.sampler import (
+    CDF_BLOCK,
+    LOG2E,
+    NO_TOKEN,
+    sample_rows,
+    sample_token,
+    softmax_weights,
+)
 
 
 def test_draws_follow_the_softmax_across_blocks():
@@ -72,3 +79,22 @@ def test_tokens_of_negligible_weight_are_never_drawn():
         g = torch.Generator().manual_seed(3)
         draws = {sample_token(logits, temperature, g) for _ in range(400)}
         assert draws == set(hot)
+
+
+def test_a_row_without_finite_logits_draws_no_token():
+    """NaN anywhere, +inf, or -inf everywhere give no distribution: such a row draws NO_TOKEN
+    (greedy or sampled) and the other rows draw as they would alone."""
+    logits = torch.randn(8, 3 * CDF_BLOCK + 5)
+    logits[1, 7] = float("nan")
+    logits[2, 9] = float("inf")
+    logits[3] = float("-inf")
+    logits[5, 2] = float("nan")
+    logits[6, 4] = float("inf")
+    temperatures = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.7]
+    gens = [torch.Generator().manual_seed(i) for i in range(8)]
+    tokens = sample_rows(logits, temperatures, gens)
+    assert tokens[1:4] == [NO_TOKEN] * 3 and tokens[5:7] == [NO_TOKEN] * 2
+    for i in (0, 4, 7):
+        alone = sample_token(logits[i], temperatures[i], torch.Generator().manual_seed(i))
+        assert tokens[i] == alone != NO_TOKEN
+    assert tokens[4] == int(logits[4].argmax())

@@ -92,9 +92,10 @@ def decode(
         out = yield item
         if on_token is not None:
             on_token(ids[-1], position, out.logits)
-        if not item.continues(out.token):
+        token = out.checked()
+        if not item.continues(token):
             break
-        ids.append(out.token)
+        ids.append(token)
     return ids, work
 
 

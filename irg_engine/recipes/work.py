@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from PIL import Image
 
+from irg_engine.sampler import NO_TOKEN
+
 
 @dataclass(slots=True)
 class PrefillText:
@@ -85,19 +87,31 @@ class DecodeStep:
 
     def continues(self, drawn: int) -> bool:
         """Whether the program will feed `drawn` as its next DecodeStep."""
-        return not self.last and drawn != self.stop_token
+        return not self.last and drawn != self.stop_token and drawn != NO_TOKEN
 
     @property
     def tokens(self) -> int:
         return 1
 
 
+class NonFiniteLogits(ValueError):
+    """A decode step's logits were NaN or infinite: the request cannot go on."""
+
+
 @dataclass(slots=True)
 class Decoded:
     """The result of a `DecodeStep`: the next token and the logits it was drawn from."""
 
-    token: int
+    token: int  # NO_TOKEN where the logits were not finite
     logits: torch.Tensor  # [vocab], float32, on the device that computed it
+
+    def checked(self) -> int:
+        """The token; `NonFiniteLogits` where there is none."""
+        if self.token == NO_TOKEN:
+            raise NonFiniteLogits(
+                "the model's logits were not finite (NaN or infinite) at a decode step"
+            )
+        return self.token
 
 
 @dataclass(slots=True)
