@@ -98,3 +98,15 @@ def test_a_row_without_finite_logits_draws_no_token():
         alone = sample_token(logits[i], temperatures[i], torch.Generator().manual_seed(i))
         assert tokens[i] == alone != NO_TOKEN
     assert tokens[4] == int(logits[4].argmax())
+
+
+def test_greedy_takes_the_first_maximum_as_argmax_does():
+    n = 2 * CDF_BLOCK + 3
+    logits = torch.randn(5, n)
+    logits[0, [5, CDF_BLOCK + 9]] = 50.0  # a tie across blocks
+    logits[1, [CDF_BLOCK - 1, CDF_BLOCK]] = 50.0  # a tie across a block border
+    logits[2, n - 1] = 50.0  # the short last block's last entry
+    logits[3, [2 * CDF_BLOCK, n - 2]] = 50.0  # a tie inside the short last block
+    logits[4] = 1.0  # every entry the same
+    tokens = sample_rows(logits, [0.0] * 5, [None] * 5)
+    assert tokens == logits.argmax(1).tolist() == [5, CDF_BLOCK - 1, n - 1, 2 * CDF_BLOCK, 0]
