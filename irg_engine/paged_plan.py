@@ -87,7 +87,9 @@ class PagedPlan:
         if self.decodes:
             seqs = [s.seq for s in segments[:decodes]]
             lengths = [s.length for s in seqs]
-            index, mask = slot_index([s.blocks for s in seqs], lengths, bs)
+            # Padded with the scratch slot: a masked key still enters SDPA's sums (0 * NaN is
+            # NaN), and a freed pool slot may hold a failed request's NaN.
+            index, mask = slot_index([s.blocks for s in seqs], lengths, bs, fill=runner.scratch)
             self.decode_index = upload(index, dev)
             self.decode_lengths = upload(torch.tensor(lengths), dev)
             # Additive, in the compute dtype (as SDPA would convert a boolean mask in every

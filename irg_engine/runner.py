@@ -81,7 +81,9 @@ class Runner:
         slots = pool.num_blocks * pool.block_size
         dev, dt = model.bagel.device, model.bagel.dtype
         self.device = dev
-        # One slot past the pool's: the scratch slot that padding rows of decode graphs write.
+        # One slot past the pool's: the scratch slot that padding rows of decode graphs write and
+        # padded decode contexts read (a pool slot there may hold a failed request's NaN).
+        self.scratch = slots
         self.keys = [
             torch.zeros(slots + 1, lm.num_kv_heads, lm.head_dim, device=dev, dtype=dt)
             for _ in range(lm.num_layers)
@@ -93,7 +95,9 @@ class Runner:
         self.graphs = None
         if decode_graphs == "static" or (decode_graphs == "auto" and cuda):
             capture = cuda and decode_graphs == "auto"
-            self.graphs = DecodeGraphs(model, self.keys, self.values, slots, max_batch, capture)
+            self.graphs = DecodeGraphs(
+                model, self.keys, self.values, self.scratch, max_batch, capture
+            )
         self.ahead = DecodeAhead(self, decode_ahead and self.graphs is not None)
         # Generators drawn from in the current step, with their states before the draw.
         self._drawn: list[tuple[torch.Generator, torch.Tensor]] = []

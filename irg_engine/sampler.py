@@ -36,6 +36,7 @@ from irg_engine.host_memory import upload
 
 CDF_BLOCK = 1024
 NO_TOKEN = -1  # drawn where the logits are not finite; never fed to the model
+SCALE_MAX = float(torch.finfo(torch.float32).max)
 LOG2E = 1.4426950408889634
 EXP2_FLOOR = -125.5  # 2**-125.5 ~ 1.66e-38 is a normal float32; 2**-126.5 is not
 
@@ -68,7 +69,9 @@ def draw_rows(
         return tokens
     picked = _pick(hot, len(temperatures), dev)
     x = logits[picked]
-    scale = upload(torch.tensor([[LOG2E / temperatures[i]] for i in hot]), dev)
+    # Capped where log2(e) / T overflows float32 (T < ~4e-39): inf would make the top entry's
+    # 0 * inf a NaN; at the cap every entry but the maxima weighs 0, as greedy.
+    scale = upload(torch.tensor([[min(LOG2E / temperatures[i], SCALE_MAX)] for i in hot]), dev)
     # Drawn before the weights exist: a draw's uniform number never depends on the logits.
     uniform = upload(
         torch.tensor(
@@ -94,8 +97,11 @@ def draw_rows(
     inner = weights.gather(1, span).double().cumsum(1)
     last = (n - start).clamp_(max=CDF_BLOCK) - 1
     # The block's float32 sum and its float64 running sum can differ in the last bits: a draw in
-    # that sliver takes the block's last token rather than spilling into the next block.
-    offset = torch.minimum(torch.searchsorted(inner, u - before, right=True), last)
+    # that sliver takes the block's last token of nonzero weight (where the running sum reaches
+    # its total) rather than spilling into the next block or onto a token of weight 0.
+    heaviest_last = torch.searchsorted(inner, inner[:, -1:].contiguous())
+    offset = torch.minimum(torch.searchsorted(inner, u - before, right=True), heaviest_last)
+    offset = torch.minimum(offset, last)
     # A finite row's top weight is exp2(0) = 1; a NaN anywhere makes the total NaN.
     tokens[picked] = (start + offset).squeeze(1).masked_fill_(~(cdf[:, -1] >= 1), NO_TOKEN)
     return tokens

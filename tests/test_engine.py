@@ -19,7 +19,8 @@ from irg_engine.parity import rel_l2
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.recipes.params import Observer
 from irg_engine.recipes.work import DecodeStep, NonFiniteLogits, PrefillText, ReadKV
-from irg_engine.request import Request
+from irg_engine.request import Request, RequestContexts
+from irg_engine.runner import Scheduled
 
 SMALL = dict(width=32, height=32, num_timesteps=3, max_think_tokens=5)
 
@@ -514,6 +515,32 @@ class Fed(Observer):
 
     def text_token(self, stage, round, token, position, logits):
         self.decoded.append(token)
+
+
+@pytest.mark.parametrize("decode_graphs", ["off", "static"])
+def test_a_failed_requests_nan_left_in_a_freed_block_reaches_no_one(tiny_model, decode_graphs):
+    """Decode rows of different lengths attend over padded slot rows; the padding is masked,
+    but a masked key still enters SDPA's sums (0 * NaN is NaN), so it must not be a pool slot
+    a failed request left NaN in (block 0 was the padding once)."""
+    runner = Engine(tiny_model, EngineConfig(decode_graphs=decode_graphs)).runner
+    contexts = RequestContexts(runner.pool)
+    bad, long, short = contexts.new("bad"), contexts.new("long"), contexts.new("short")
+    weight = tiny_model.bagel.lm.embed_tokens.weight
+    saved = weight[300].clone()
+    with torch.no_grad():
+        weight[300] = float("nan")
+    try:
+        runner.step([Scheduled(PrefillText(bad, [300, 5, 6]), 3)])
+    finally:
+        with torch.no_grad():
+            weight[300] = saved
+    assert bad.blocks == [0] and runner.keys[0][0].isnan().all()
+    runner.step([Scheduled(PrefillText(long, list(range(100, 110))), 10)])
+    runner.step([Scheduled(PrefillText(short, [7, 8, 9]), 3)])
+    contexts.free(bad)  # its request failed: block 0 is free, with NaN in it
+    batch = [Scheduled(DecodeStep(ctx, 11), 1) for ctx in (long, short)]
+    runner.step(batch)
+    assert all(s.result.logits.isfinite().all() and s.result.token >= 0 for s in batch)
 
 
 @pytest.mark.parametrize("decode_graphs", ["off", "static"])

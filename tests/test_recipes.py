@@ -66,3 +66,9 @@ def test_params_validate():
         RecipeParams("x", recipe="video")
     with pytest.raises(ValueError, match="needs an input image"):
         RecipeParams("x", recipe="edit")
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        RecipeParams("a dog", temperature=temperature)

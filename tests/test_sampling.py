@@ -3,6 +3,7 @@ same token for a row alone or in a batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from irg_engine.sampler import (
@@ -110,3 +111,32 @@ def test_greedy_takes_the_first_maximum_as_argmax_does():
     logits[4] = 1.0  # every entry the same
     tokens = sample_rows(logits, [0.0] * 5, [None] * 5)
     assert tokens == logits.argmax(1).tolist() == [5, CDF_BLOCK - 1, n - 1, 2 * CDF_BLOCK, 0]
+
+
+def test_a_tiny_temperature_draws_the_maximum():
+    # log2(e) / T overflows float32 below T ~4e-39; the top entry's 0 * inf would be NaN.
+    logits = torch.randn(3, CDF_BLOCK + 7)
+    for temperature in (1e-3, 4e-39, 1e-300):
+        g = torch.Generator().manual_seed(0)
+        assert sample_rows(logits, [temperature] * 3, [g] * 3) == logits.argmax(1).tolist()
+
+
+def test_the_sliver_past_a_blocks_running_sum_never_draws_a_zero_weight(monkeypatch):
+    """Where a block's float32 sum exceeds its float64 running sum, a uniform number in between
+    lands past the running sum: it takes the block's last token of nonzero weight."""
+    torch.manual_seed(1)
+    for _ in range(200):
+        logits = torch.randn(1, 2 * CDF_BLOCK) * 0.5
+        logits[0, CDF_BLOCK - 1] = float("-inf")  # the first block's last token: weight 0
+        weights = softmax_weights(logits, torch.tensor([[LOG2E]]))[0].double()
+        block32 = weights[:CDF_BLOCK].float().sum().double()
+        block64 = weights[:CDF_BLOCK].cumsum(0)[-1]
+        if block32 > block64:
+            break
+    else:
+        pytest.fail("no block with a float32 sum above its running sum")
+    total = block32 + weights[CDF_BLOCK:].float().sum().double()
+    u = float((block32 + block64) / 2 / total)  # inside the sliver
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(u, dtype=torch.float64))
+    token = sample_token(logits[0], 1.0, torch.Generator())
+    assert token == CDF_BLOCK - 2  # the last token of weight > 0 in that block

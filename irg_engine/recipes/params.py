@@ -8,6 +8,7 @@ recipes; `None` in a parameter means "the recipe's default for that image".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,8 +49,8 @@ class RecipeParams:
             raise ValueError(f"recipe {self.recipe!r} needs an input image")
         if self.max_think_tokens < 1:
             raise ValueError("max_think_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.refine_rounds < 0:
             raise ValueError("refine_rounds must be >= 0")
         # Validates sizes and timesteps once, for every image of the request.
