@@ -378,6 +378,37 @@ def test_an_idle_engine_gives_its_free_heap_back_once(tiny_model, monkeypatch):
     asyncio.run(main())
 
 
+def test_a_busy_engine_gives_a_large_free_heap_back_at_most_so_often(tiny_model, monkeypatch):
+    trims, free = [], [0]
+    monkeypatch.setattr("irg_engine.client.BUSY_TRIM_S", 0.3)
+    monkeypatch.setattr("irg_engine.client.IDLE_TRIM_S", 60.0)
+    monkeypatch.setattr("irg_engine.client.free_heap_bytes", lambda: free[0])
+    monkeypatch.setattr("irg_engine.client.release_free_memory", lambda: trims.append(1))
+
+    async def main():
+        client = EngineClient(tiny_model)
+        client.start()
+        loop = asyncio.get_running_loop()
+
+        async def busy_for(seconds):  # two requests in flight at all times
+            async def one_after_another(end):
+                while loop.time() < end:
+                    async for _ in client.submit(RecipeParams("a fox", recipe="t2i", **SMALL)):
+                        pass
+
+            end = loop.time() + seconds
+            await asyncio.gather(one_after_another(end), one_after_another(end))
+
+        await busy_for(0.8)
+        assert trims == []  # a free heap under the kept limit stays for reuse
+        free[0] = 2 << 30
+        await busy_for(1.3)
+        assert 2 <= len(trims) <= 5  # ~every 0.3 s while busy, not every pass of the loop
+        await client.shutdown(5)
+
+    asyncio.run(main())
+
+
 @pytest.mark.gpu
 def test_engine_on_cuda_matches_the_cpu_reference(tiny_dir, tiny_model):
     from irg_engine import checkpoint

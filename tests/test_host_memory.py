@@ -1,8 +1,6 @@
 """keep_large_blocks: after it, a large tensor comes from the heap rather than a fresh mmap, and
 other threads allocate from the same heap; release_free_memory gives the kept free heap back."""
 
-import ctypes
-import ctypes.util
 import platform
 import subprocess
 import sys
@@ -11,23 +9,13 @@ import textwrap
 import pytest
 import torch
 
-from irg_engine.host_memory import keep_large_blocks, upload
-
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
+from irg_engine.host_memory import heap_info, keep_large_blocks, upload
 
 
 def mmapped_bytes() -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2().hblkhd
+    info = heap_info()
+    assert info is not None
+    return info.hblkhd
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
@@ -111,7 +99,7 @@ def test_upload_to_the_gpu_is_queued_and_exact():
 FREE_HEAP = textwrap.dedent(
     """
     import torch
-    from irg_engine.host_memory import keep_large_blocks, release_free_memory
+    from irg_engine.host_memory import free_heap_bytes, keep_large_blocks, release_free_memory
 
     def rss_mb():
         for line in open("/proc/self/status"):
@@ -119,9 +107,11 @@ FREE_HEAP = textwrap.dedent(
                 return int(line.split()[1]) // 1024
 
     assert keep_large_blocks()
+    before = free_heap_bytes()
     big = torch.ones(256 * 2**18)  # 256 MiB, touched
     del big
-    kept = rss_mb()  # the free block stays in the heap
+    kept = rss_mb()  # the free block stays in the heap, and counts as free there
+    assert free_heap_bytes() - before >= 250 * 2**20  # (a little of it came from free space)
     assert release_free_memory()
     print(kept - rss_mb())
     """
