@@ -27,16 +27,25 @@ log = logging.getLogger("irg_engine")
 
 
 class RequestStream:
-    """The events of one request, in order; iteration ends after the final event."""
+    """The events of one request, in order; iteration ends after the final event.
+
+    `on_final`, if set, runs on the event loop as soon as the final event arrives, before anyone
+    reads it: the engine is done with the request even while its reader lags behind."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.id = request_id
         self._loop = loop
         self._queue: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.final: ev.Event | None = None
+        self.on_final: Callable[[ev.Event], None] | None = None
 
     def push_threadsafe(self, event: ev.Event) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        self._loop.call_soon_threadsafe(self._arrive, event)
+
+    def _arrive(self, event: ev.Event) -> None:
+        self._queue.put_nowait(event)
+        if isinstance(event, ev.FINAL) and self.on_final is not None:
+            self.on_final(event)
 
     def __aiter__(self) -> AsyncIterator[ev.Event]:
         return self._iterate()
@@ -49,6 +58,7 @@ class RequestStream:
             yield event
 
 
+ENGINE_THREAD = "irg-engine"
 STALL_S = 60.0  # a loop that has not come round for this long is reported as stuck
 IDLE_TRIM_S = 10.0  # an engine idle this long gives its free heap back (`host_memory`)
 BUSY_TRIM_S = 60.0  # under load, at most this often, when more than KEEP_BYTES of it is free
@@ -66,7 +76,7 @@ class EngineClient:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="irg-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:

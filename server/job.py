@@ -7,7 +7,10 @@
   the deadline or dies without answering (a safety net behind the engine's own deadline);
 - a consumer that stops early (client disconnect, cancelled task) aborts the engine request, so
   its KV blocks are freed at once;
-- metrics and the admission ticket are settled exactly once.
+- metrics and the admission ticket are settled exactly once, when the engine's final event
+  arrives rather than when the consumer reads it: a client that stops reading its stream (its
+  socket's buffer full, the writer blocked) would otherwise hold its admission slot forever, and
+  the deadline checks here only run while someone reads.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Job:
             self._stream = self.state.client.submit(
                 self.params, request_id=self.id, deadline=self.deadline
             )
+            self._stream.on_final = self._observe
         except ValueError as exc:
             self._settle(None, "invalid")
             raise ApiError(400, "invalid_request", str(exc)) from exc
@@ -105,7 +109,8 @@ class Job:
                 except StopAsyncIteration:
                     break
                 pending, last_event, last_output = None, now, now
-                self._observe(event)
+                if not isinstance(event, FINAL):  # (a final one was observed as it arrived)
+                    self._observe(event)
                 yield event
                 if isinstance(event, FINAL):
                     return

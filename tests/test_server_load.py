@@ -4,7 +4,10 @@ disconnect (KV blocks freed at once), deadlines, an injected engine fault, keep-
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -202,3 +205,44 @@ def test_an_engine_loop_that_dies_takes_no_more_work_and_stops_the_server(tiny_m
         assert c.get("/ready").status_code == 503
         assert "engine loop stopped" in c.get("/ready").json()["reason"]
         assert metric(c.get("/metrics").text, "irg_engine_healthy") == 0
+
+
+def test_a_client_that_stops_reading_frees_its_slot_once_the_engine_is_done(server, http):
+    """A stream whose client reads nothing (a full socket buffer blocks the writer) held its
+    admission slot for good, long after the engine was done with it, and its deadline was never
+    checked. The slot is now free once the engine has finished; the held stream still arrives
+    whole when its client reads again."""
+    body = {
+        "prompt": "large output",
+        "recipe": "irg",
+        "width": 512,
+        "height": 512,
+        "num_timesteps": 3,
+        "max_think_tokens": 4,
+        "refine_rounds": 3,
+        "partial_images": 3,  # 16 images of ~430 KB as base64: past the socket buffers
+        "stream": True,
+    }
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", server.port))
+    try:
+        payload = json.dumps(body).encode()
+        head = "POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        s.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        admission, engine = server.state.admission, server.state.client
+        assert wait_for(lambda: engine.stats().running > 0, timeout=30)
+        assert wait_for(lambda: engine.stats().running + engine.stats().waiting == 0, timeout=120)
+        assert wait_for(lambda: admission.in_flight == 0, timeout=5)
+        s.settimeout(30)
+        received = b""  # nothing was lost meanwhile
+        while b"event: done" not in received[-300_000:]:
+            chunk = s.recv(1 << 20)
+            assert chunk, received[-500:]
+            received += chunk
+        assert received.count(b"event: image.done") == 4
+        # More than the kernel would buffer for the server (its send buffer grows up to
+        # tcp_wmem's maximum): so its writer was blocked while the client did not read.
+        assert len(received) > int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    finally:
+        s.close()
