@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+IMAGE_THREAD = "irg-image"  # worker i is named f"{IMAGE_THREAD}-{i}"
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ImageWork:
         self._working = 0
         self._thread_init = thread_init
         self._threads = [
-            threading.Thread(target=self._work, name=f"irg-image-{i}", daemon=True)
+            threading.Thread(target=self._work, name=f"{IMAGE_THREAD}-{i}", daemon=True)
             for i in range(workers)
         ]
         for t in self._threads:

@@ -3,8 +3,8 @@
 Signals: the first SIGTERM or SIGINT starts a drain instead of uvicorn's immediate shutdown:
 /ready and new requests answer 503, in-flight requests get up to `--shutdown-timeout` seconds to
 finish, the engine ends the rest with an `error` event, and then uvicorn stops and the process
-exits 0. A second signal stops at once. A model that cannot be loaded exits 1. A signal during the
-model load exits at once, leaving the load unfinished.
+exits 0. A second signal stops at once (open streams are cut; exit 0). A model that cannot be
+loaded exits 1. A signal during the model load exits at once, leaving the load unfinished.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from irg_engine.client import ENGINE_THREAD
+from irg_engine.image_work import IMAGE_THREAD
 from server.app import create_app
 from server.settings import Settings, parse_settings
 from server.state import LOAD_THREAD
 
 log = logging.getLogger("irg.server")
+# Threads that may be inside torch when serving stops: the model load, the engine's step loop and
+# its image workers.
+WORKER_THREADS = (LOAD_THREAD, ENGINE_THREAD, IMAGE_THREAD)
 
 
 class DrainingServer(uvicorn.Server):
@@ -82,10 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server = DrainingServer(config, settings)
     server.run()
-    if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
-        # Stopped while the model was loading: at interpreter exit that thread would be ended
+    busy = [t.name for t in threading.enumerate() if t.name.startswith(WORKER_THREADS)]
+    if busy:
+        # Stopped during the model load, or by a second signal (uvicorn then skips the app's
+        # shutdown, so the engine's threads go on): at interpreter exit they would be ended
         # inside torch's C++ code, which aborts the process (SIGABRT instead of our exit code).
-        log.info("exiting with the model load unfinished")
+        log.info("exiting with %s still running", ", ".join(busy))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

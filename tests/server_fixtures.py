@@ -163,6 +163,9 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
 
 
 class ServerProcess:
+    """`python -m server` with its output read as it comes (a pipe nobody reads fills up, and
+    the server then blocks in its next log line)."""
+
     def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
         self.port = free_port()
         full_env = {**os.environ, "IRG_PORT": str(self.port), **env}
@@ -175,12 +178,20 @@ class ServerProcess:
             text=True,
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.append(line)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+                self._reader.join(timeout=10)
+                raise RuntimeError(f"server exited early:\n{''.join(self._lines)}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
                     return
@@ -188,7 +199,9 @@ class ServerProcess:
         raise RuntimeError("server did not become ready")
 
     def stop(self) -> str:
+        """Kill the server if it still runs; everything it wrote."""
         if self.proc.poll() is None:
             self.proc.kill()
-        out, _ = self.proc.communicate(timeout=30)
-        return out
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+        return "".join(self._lines)

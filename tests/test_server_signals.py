@@ -11,13 +11,14 @@ import os
 import shutil
 import signal
 import threading
+import time
 
 import httpx
 import pytest
 
 from server.app import create_app
 from server.settings import Settings
-from tests.server_fixtures import LiveServer, ServerProcess, SseReader, wait_for
+from tests.server_fixtures import LiveServer, ServerProcess, SseReader, metric, wait_for
 
 SHORT = {"prompt": "short", "recipe": "t2i", "width": 32, "height": 32, "num_timesteps": 20}
 # Well past the 2 s shutdown timeout on two CPU cores (256 px took 1.2 s on a fast AMD VM).
@@ -127,3 +128,40 @@ def test_probes_answer_while_the_model_loads(tiny_dir):
             assert http.post("/generate", json={**SHORT, "num_timesteps": 3}).status_code == 200
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_second_signal_while_requests_run_exits_at_once_without_aborting(tiny_dir):
+    """The second signal skips the app's shutdown, so the engine's threads can still be in torch
+    when serving stops (here the VAE decode of a 1024 px image): at interpreter exit the process
+    aborted there (SIGABRT)."""
+    proc = ServerProcess(
+        {"IRG_MODEL": str(tiny_dir), "IRG_SHUTDOWN_TIMEOUT": "30", "IRG_LOG_LEVEL": "info"}
+    )
+    body = {**SHORT, "width": 1024, "height": 1024, "num_timesteps": 2, "stream": True}
+    try:
+        proc.wait_ready()
+        with (
+            httpx.Client(base_url=proc.url, timeout=60) as client,
+            client.stream("POST", "/generate", json=body) as r,
+        ):
+            reader = SseReader(r)
+            while True:  # up to the last denoising step: the VAE decode (seconds on a CPU) is next
+                seen = reader.read(until="image.progress")
+                assert seen.names[-1] == "image.progress", seen.names
+                if seen.events[-1][2]["step"] == seen.events[-1][2]["total_steps"]:
+                    break
+            proc.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(timeout=30) == 0
+    finally:
+        log = proc.stop()
+    assert "still running" in log and "terminate called" not in log
+
+
+def _running(url: str) -> float:
+    try:
+        return metric(httpx.get(url + "/metrics", timeout=5).text, "irg_requests_running")
+    except httpx.HTTPError:
+        return 0
