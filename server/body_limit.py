@@ -1,11 +1,18 @@
-"""The request body size limit, enforced as the body arrives (an ASGI middleware).
+"""The request body's limits, enforced as the body arrives (an ASGI middleware): its size, and
+how long it may stall.
 
 A declared `Content-Length` over the limit is refused before anything is read. A body without one
 (chunked) is counted as it streams in; when it passes the limit, reading stops and the answer is
-our 400 `body_too_large`, whatever the route would have said about the truncated body.
+our 400 `body_too_large`, whatever the route would have said about the truncated body. A body
+that sends nothing for `timeout_s` (a client that declared 100 bytes and sent one, a slowloris)
+gets a 408 `body_timeout`; uvicorn otherwise waits for it forever. Once the body is complete,
+`receive` only reports the client leaving, which the routes watch for as long as they work, so
+there is no timeout then.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -13,6 +20,10 @@ from server.errors import ApiError
 
 
 class BodyTooLarge(Exception):
+    pass
+
+
+class BodyStalled(Exception):
     pass
 
 
@@ -28,9 +39,10 @@ def _error(size: int, limit: int) -> ApiError:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,22 +54,37 @@ class BodyLimitMiddleware:
             return
 
         received = 0
-        over = False
-        started = False
+        failure: ApiError | None = None  # ours, replacing whatever the app answers
+        complete = started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, over
-            message = await receive()
+            nonlocal received, failure, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                failure = ApiError(
+                    408,
+                    "body_timeout",
+                    f"the request body sent nothing for {self.timeout_s:g} s "
+                    f"({received} bytes arrived)",
+                    "body",
+                    received,
+                    self.timeout_s,
+                )
+                raise BodyStalled from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    over = True
+                    failure = _error(received, self.max_bytes)
                     raise BodyTooLarge
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if over:
+            if failure is not None:
                 return  # the app's answer to a cut-off body is replaced by ours below
             if message["type"] == "http.response.start":
                 started = True
@@ -66,11 +93,11 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            # Frameworks may wrap our exception; once over the limit, any failure is ours.
-            if not over:
+            # Frameworks may wrap our exception; once we failed the body, any failure is ours.
+            if failure is None:
                 raise
-        if over and not started:
-            await _error(received, self.max_bytes).response()(scope, receive, send)
+        if failure is not None and not started:
+            await failure.response()(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

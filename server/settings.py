@@ -85,6 +85,10 @@ class Settings:
         ),
     )
     max_body_bytes: int = field(default=32 * MiB, metadata=_opt("largest request body"))
+    body_timeout: float = field(
+        default=30.0,
+        metadata=_opt("seconds a request body may go without data before a 408 answer"),
+    )
     max_image_bytes: int = field(default=16 * MiB, metadata=_opt("largest decoded input image"))
     max_image_pixels: int = field(
         default=4096 * 4096, metadata=_opt("largest input image, width x height")
@@ -129,6 +133,7 @@ class Settings:
             "max_running",
             "request_timeout",
             "max_body_bytes",
+            "body_timeout",
             "max_image_bytes",
             "max_image_pixels",
             "max_prompt_tokens",

@@ -246,3 +246,12 @@ def test_a_client_that_stops_reading_frees_its_slot_once_the_engine_is_done(serv
         assert len(received) > int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
     finally:
         s.close()
+
+
+def test_a_request_working_longer_than_the_body_timeout_is_served(tiny_model):
+    """The body timeout covers the body's arrival only; after it, the routes wait on `receive`
+    for a disconnect for as long as the request works."""
+    with live_server(tiny_model, body_timeout=0.3) as srv, srv.client() as c:
+        r = c.post("/generate", json=LONG)  # ~1 s of work
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["total"] > 0.3

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import socket
+import time
 from collections import Counter
 
 import pytest
@@ -27,6 +30,7 @@ LIMITS = {
     "max_image_bytes": 4000,
     "max_image_pixels": 100 * 100,
     "max_body_bytes": 64 * 1024,
+    "body_timeout": 1.0,
     "request_timeout": 60.0,
 }
 
@@ -299,6 +303,36 @@ def test_body_too_large_declared_and_streamed(http):
 
     r = http.post("/generate", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_stalled_body_gets_408_and_a_trickling_one_is_served(server, http):
+    payload = json.dumps(OK).encode()
+    head = "POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        # 1 byte of the declared body, then nothing: uvicorn alone would wait forever.
+        s.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload[:1])
+        reply = b""
+        while b"}}" not in reply:
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    status, _, rest = reply.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 408")
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert (error["code"], error["param"], error["value"], error["limit"]) == (
+        "body_timeout",
+        "body",
+        1,
+        1.0,
+    )
+
+    def trickle():  # pauses under the timeout, 1.2 s in all: served
+        for start in range(0, len(payload), 10):
+            yield payload[start : start + 10]
+            time.sleep(0.3)
+
+    r = http.post("/generate", content=trickle(), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
 
 
 def test_valid_request_reaches_the_engine(http):
