@@ -157,7 +157,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Im
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image exceeds the decoder's pixel limit: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as exc:
-        raise ValueError(f"cannot decode image data ({len(data)} bytes): {exc}") from exc
+        raise ValueError(f"cannot decode image data ({len(data)} bytes): {why(exc)}") from exc
+
+
+def why(exc: Exception) -> str:
+    """A decoder error in words for the client: PIL names the in-memory file object (an address)
+    where it finds no known format."""
+    if isinstance(exc, UnidentifiedImageError):
+        return f"not an image in a known format ({', '.join(DECODE_FORMATS)})"
+    return str(exc)
 
 
 def patchify_latent(latent: torch.Tensor, p: int = LATENT_PATCH) -> torch.Tensor:

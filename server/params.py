@@ -68,7 +68,7 @@ def decode_image(b64: str, settings: Settings) -> Image.Image:
         with Image.open(io.BytesIO(data), formats=images.DECODE_FORMATS) as probe:
             w, h = probe.size
     except Exception as exc:
-        raise invalid("image", f"cannot decode image data: {exc}", b64) from exc
+        raise invalid("image", f"cannot decode image data: {images.why(exc)}", b64) from exc
     if w * h > settings.max_image_pixels:
         raise invalid(
             "image",

@@ -31,6 +31,7 @@ def png_size(b64: str) -> tuple[int, int]:
 
 def test_probes_and_models_say_random_weights(http):
     assert http.get("/health").json()["status"] == "ok"
+    assert http.head("/health").status_code == 200  # load balancers probe with HEAD too
     ready = http.get("/ready")
     assert ready.status_code == 200 and ready.json()["random_weights"] is True
     models = http.get("/v1/models").json()

@@ -18,6 +18,7 @@ router = APIRouter()
 
 
 @router.get("/health", summary="liveness: the process is up")
+@router.head("/health", include_in_schema=False)  # load balancers probe with HEAD too
 async def health(request: Request) -> dict:
     state = state_of(request)
     return {"status": "ok", "uptime_s": round(time.time() - state.started_at, 3)}
