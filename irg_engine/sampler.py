@@ -81,20 +81,14 @@ def draw_rows(
         dev,
     )
     weights = softmax_weights(x, scale)
-    rows, n = weights.shape
-    full = n - n % CDF_BLOCK
-    sums = weights[:, :full].reshape(rows, -1, CDF_BLOCK).sum(2)
-    if full < n:
-        sums = torch.cat([sums, weights[:, full:].sum(1, keepdim=True)], 1)
-    cdf = sums.double().cumsum(1)
+    n = weights.shape[1]
+    cdf = _per_block(weights, torch.sum).double().cumsum(1)
     u = uniform * cdf[:, -1:]
     block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
     before = cdf.gather(1, (block - 1).clamp_(min=0)).masked_fill_(block == 0, 0.0)
     start = block * CDF_BLOCK
-    # Past the vocabulary's end the short last block repeats its last entry; the clamp below
-    # keeps a draw off those.
-    span = (start + torch.arange(CDF_BLOCK, device=dev)).clamp_(max=n - 1)
-    inner = weights.gather(1, span).double().cumsum(1)
+    # (the clamp to `last` below keeps a draw off the short last block's repeats)
+    inner = weights.gather(1, _block_span(start, n)).double().cumsum(1)
     last = (n - start).clamp_(max=CDF_BLOCK) - 1
     # The block's float32 sum and its float64 running sum can differ in the last bits: a draw in
     # that sliver takes the block's last token of nonzero weight (where the running sum reaches
@@ -123,16 +117,27 @@ def _first_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     0.17 ms). A row with a NaN has no token either way, so its index does not matter."""
     if x.device.type != "cpu":
         return x.amax(1), x.argmax(1)
+    top, block = _per_block(x, torch.amax).max(1)
+    start = block * CDF_BLOCK
+    # (the short last block's repeats come after its last entry's own place)
+    return top, start + x.gather(1, _block_span(start[:, None], x.shape[1])).argmax(1)
+
+
+def _per_block(x: torch.Tensor, reduce) -> torch.Tensor:
+    """`reduce(block, dim, keepdim)` of every `CDF_BLOCK`-entry block of each row of `x`, in
+    order (the last block may be short): `[rows, blocks]`."""
     rows, n = x.shape
     full = n - n % CDF_BLOCK
-    blocks = x[:, :full].reshape(rows, -1, CDF_BLOCK).amax(2)
+    out = reduce(x[:, :full].reshape(rows, -1, CDF_BLOCK), 2, False)
     if full < n:
-        blocks = torch.cat([blocks, x[:, full:].amax(1, keepdim=True)], 1)
-    top, block = blocks.max(1)
-    start = block * CDF_BLOCK
-    # Past the end the short last block repeats its last entry, after that entry's own place.
-    span = (start[:, None] + torch.arange(CDF_BLOCK)).clamp_(max=n - 1)
-    return top, start + x.gather(1, span).argmax(1)
+        out = torch.cat([out, reduce(x[:, full:], 1, True)], 1)
+    return out
+
+
+def _block_span(start: torch.Tensor, n: int) -> torch.Tensor:
+    """The `CDF_BLOCK` indices of the block from each row's `start` (`[rows, 1]`); past the end
+    of a row of `n`, its last index repeated."""
+    return (start + torch.arange(CDF_BLOCK, device=start.device)).clamp_(max=n - 1)
 
 
 def _pick(rows: list[int], total: int, dev: torch.device) -> slice | torch.Tensor:

@@ -63,7 +63,7 @@ class BodyLimitMiddleware:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
                 failure = ApiError(
                     408,
                     "body_timeout",
