@@ -72,6 +72,9 @@ class BodyLimitMiddleware:
                     "body",
                     received,
                     self.timeout_s,
+                    # The rest of the body may still come: the connection cannot carry another
+                    # request, and a client trickling bytes must not keep it open.
+                    headers={"Connection": "close"},
                 )
                 raise BodyStalled from None
             if message["type"] == "http.request":

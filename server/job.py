@@ -87,6 +87,7 @@ class Job:
         it = self._stream.__aiter__()
         pending: asyncio.Future | None = None
         last_event = last_output = time.monotonic()
+        self.state.open_streams += 1
         try:
             while True:
                 if pending is None:
@@ -116,6 +117,7 @@ class Job:
                     return
             yield self._give_up(Failed("engine_error", "the engine ended the stream early"))
         finally:
+            self.state.open_streams -= 1
             if pending is not None and not pending.done():
                 pending.cancel()
             if self.final is None:
@@ -156,6 +158,8 @@ class Job:
         return failed
 
     def _observe(self, event: object) -> None:
+        if isinstance(event, FINAL) and self.ticket.released:
+            return  # the engine's answer to a request already ended here (timeout, abort)
         m = self.state.metrics
         elapsed = time.monotonic() - self.arrived
         if isinstance(event, Started):

@@ -108,6 +108,9 @@ class ServerState:
     admission: Admission = field(init=False)
     metrics: Metrics = field(init=False)
     started_at: float = field(default_factory=time.time)
+    # Requests whose events a route is still reading (`Job.events`); their admission tickets
+    # are released when the engine finishes, which can be before the route has written the end.
+    open_streams: int = field(default=0, init=False)
     _drain_task: asyncio.Task | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -196,9 +199,9 @@ class ServerState:
         log.info("draining: %d requests in flight, up to %.0fs", self.admission.in_flight, timeout)
         if self.client is not None:
             await self.client.shutdown(timeout)
-        # The engine has ended every stream; give the routes a moment to write their last frame.
+        # The engine has ended every stream; give the routes a moment to read them to the end.
         deadline = time.monotonic() + RESPONSE_FLUSH_S
-        while self.admission.in_flight > 0 and time.monotonic() < deadline:
+        while self.open_streams > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         log.info("drained")
 

@@ -12,6 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from irg_engine.events import Failed, Finished
+from irg_engine.recipes.params import RecipeParams
+from server.job import Job
+from server.settings import Settings
+from server.state import ServerState
 from tests.server_fixtures import SMALL, SseReader, live_server, metric, read_sse, wait_for
 
 # Long enough (~0.35 s on two CPU cores) to still be running when the test acts on it.
@@ -255,3 +260,28 @@ def test_a_request_working_longer_than_the_body_timeout_is_served(tiny_model):
         r = c.post("/generate", json=LONG)  # ~1 s of work
         assert r.status_code == 200, r.text
         assert r.json()["timings"]["total"] > 0.3
+
+
+def test_an_engine_answer_after_a_request_ended_here_is_not_counted(tiny_model):
+    """A request given up on (deadline, client gone) settles at once; the engine's `Finished`,
+    if it was already on its way, must not add its tokens or latency to the metrics."""
+    state = ServerState(Settings())
+    state.model = tiny_model
+    state.start()
+
+    async def main():
+        job = Job(state, RecipeParams("late", recipe="t2i", **SMALL), state.admission.admit(), 60)
+        job.submit()
+        job._give_up(Failed("timeout", "request deadline exceeded"))
+        usage = {"prompt_tokens": 100, "generated_tokens": 7, "denoise_steps": 2}
+        job._stream.push_threadsafe(Finished([], [], 0, {}, usage))  # the engine's, just late
+        await asyncio.sleep(0.2)
+        assert state.admission.in_flight == 0 and job.final.code == "timeout"
+        text = state.metrics.render().decode()
+        assert metric(text, "irg_prompt_tokens_total") == 0
+        assert metric(text, 'irg_requests_finished_total{reason="timeout"}') == 1
+        assert metric(text, 'irg_requests_finished_total{reason="ok"}') == 0
+        assert state.admission.retry_after() == 1  # no latency observed
+        await state.client.shutdown(5)
+
+    asyncio.run(main())
