@@ -18,7 +18,7 @@ import pytest
 
 from server.app import create_app
 from server.settings import Settings
-from tests.server_fixtures import LiveServer, ServerProcess, SseReader, metric, wait_for
+from tests.server_fixtures import LiveServer, ServerProcess, SseReader, wait_for
 
 SHORT = {"prompt": "short", "recipe": "t2i", "width": 32, "height": 32, "num_timesteps": 20}
 # Well past the 2 s shutdown timeout on two CPU cores (256 px took 1.2 s on a fast AMD VM).
@@ -158,10 +158,3 @@ def test_a_second_signal_while_requests_run_exits_at_once_without_aborting(tiny_
     finally:
         log = proc.stop()
     assert "still running" in log and "terminate called" not in log
-
-
-def _running(url: str) -> float:
-    try:
-        return metric(httpx.get(url + "/metrics", timeout=5).text, "irg_requests_running")
-    except httpx.HTTPError:
-        return 0
