@@ -1,7 +1,7 @@
 """Image plumbing around the model, as pure functions: no model code and no state.
 
 Data flows through this module in two directions:
-- in: bytes -> `decode_image` (PIL RGB, transparency on white) -> `ResizeRule.resize` (VAE or ViT
+- in: bytes -> `decode_image` (PIL RGB, upright by EXIF, transparency on white) -> `ResizeRule.resize` (VAE or ViT
   rule) -> `pil_to_tensor` ([3, H, W] in [-1, 1]) -> the VAE, whose latent `patchify_latent` cuts
   into tokens with `latent_position_ids`, or `vit_patches` with `vit_position_ids` for the ViT;
 - out: generated latent tokens -> `unpatchify_latent` -> the VAE decoder -> `tensor_to_uint8`
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # BAGEL's default pixel cap for its resize transforms.
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
@@ -137,8 +137,10 @@ DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM")
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Image.Image:
-    """Decode image file bytes (PNG, JPEG, WebP, ...) to PIL RGB.
+    """Decode image file bytes (PNG, JPEG, WebP, ...) to PIL RGB, upright.
 
+    An EXIF orientation (a phone photo stored sideways with a "rotate on display" tag) is
+    applied, as browsers and image viewers do, so the model sees the picture its sender saw.
     Raises ValueError for empty or undecodable data and for images over `max_pixels`; the size
     is read from the header, so an oversized image is rejected before its pixels are decoded.
     """
@@ -153,7 +155,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Im
                     f"{max_pixels}"
                 )
             image.load()
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image exceeds the decoder's pixel limit: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as exc:

@@ -219,6 +219,20 @@ def test_decode_image_composites_transparency() -> None:
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_decode_image_applies_exif_orientation() -> None:
+    # Stored 3 wide and 2 high with a red left column; tag 6 means "rotate 90 degrees clockwise
+    # to display", so the upright image is 2 wide, 3 high, red along its top row.
+    stored = np.zeros((2, 3, 3), dtype=np.uint8)
+    stored[:, 0] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="PNG", exif=exif)
+    upright = np.asarray(decode_image(buffer.getvalue()))
+    assert upright.shape == (3, 2, 3)
+    assert (upright[0] == (255, 0, 0)).all() and not upright[1:, :, 0].any()
+
+
 def test_decode_image_errors() -> None:
     with pytest.raises(ValueError, match="empty"):
         decode_image(b"")
