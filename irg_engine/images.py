@@ -1,9 +1,10 @@
 """Image plumbing around the model, as pure functions: no model code and no state.
 
 Data flows through this module in two directions:
-- in: bytes -> `decode_image` (PIL RGB, upright by EXIF, transparency on white) -> `ResizeRule.resize` (VAE or ViT
-  rule) -> `pil_to_tensor` ([3, H, W] in [-1, 1]) -> the VAE, whose latent `patchify_latent` cuts
-  into tokens with `latent_position_ids`, or `vit_patches` with `vit_position_ids` for the ViT;
+- in: bytes -> `decode_image` (PIL RGB, upright by EXIF, transparency on white) ->
+  `ResizeRule.resize` (VAE or ViT rule) -> `pil_to_tensor` ([3, H, W] in [-1, 1]) -> the VAE,
+  whose latent `patchify_latent` cuts into tokens with `latent_position_ids`, or `vit_patches`
+  with `vit_position_ids` for the ViT;
 - out: generated latent tokens -> `unpatchify_latent` -> the VAE decoder -> `tensor_to_uint8`
   (truncating, as the reference does) -> `encode_png`.
 

@@ -22,6 +22,7 @@ import uvicorn
 from irg_engine.client import ENGINE_THREAD
 from irg_engine.image_work import IMAGE_THREAD
 from server.app import create_app
+from server.http_protocol import uvicorn_config
 from server.settings import Settings, parse_settings
 from server.state import LOAD_THREAD
 
@@ -78,12 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.fail()
 
     app = create_app(settings, on_fatal=on_fatal)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
+    config = uvicorn_config(
+        app, settings, log_level=settings.log_level, timeout_graceful_shutdown=5
     )
     server = DrainingServer(config, settings)
     server.run()

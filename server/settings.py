@@ -89,6 +89,13 @@ class Settings:
         default=30.0,
         metadata=_opt("seconds a request body may go without data before a 408 answer"),
     )
+    header_timeout: float = field(
+        default=30.0,
+        metadata=_opt(
+            "seconds a connection has to send a request's line and headers (from connecting, "
+            "or from a kept-alive connection's next byte) before a 408 closes it"
+        ),
+    )
     max_image_bytes: int = field(default=16 * MiB, metadata=_opt("largest decoded input image"))
     max_image_pixels: int = field(
         default=4096 * 4096, metadata=_opt("largest input image, width x height")
@@ -134,6 +141,7 @@ class Settings:
             "request_timeout",
             "max_body_bytes",
             "body_timeout",
+            "header_timeout",
             "max_image_bytes",
             "max_image_pixels",
             "max_prompt_tokens",

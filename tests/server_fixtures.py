@@ -9,6 +9,7 @@ real HTTP client.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ import httpx
 import uvicorn
 
 from server.app import create_app
+from server.http_protocol import uvicorn_config
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +55,9 @@ class LiveServer:
     def __init__(self, app) -> None:
         self.app = app
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        # The server's own protocol and settings, on a free local port.
+        settings = dataclasses.replace(app.state.irg.settings, host="127.0.0.1", port=self.port)
+        config = uvicorn_config(app, settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -34,6 +34,7 @@ def test_every_flag_has_an_env_variable():
         "IRG_API_KEY": "k",
         "IRG_MAX_BODY_BYTES": "1000",
         "IRG_BODY_TIMEOUT": "4.5",
+        "IRG_HEADER_TIMEOUT": "6.5",
         "IRG_MAX_IMAGE_BYTES": "900",
         "IRG_MAX_IMAGE_PIXELS": "800",
         "IRG_MAX_PROMPT_TOKENS": "70",
@@ -51,7 +52,7 @@ def test_every_flag_has_an_env_variable():
     assert (s.max_running, s.max_queued, s.max_in_flight) == (3, 5, 8)
     assert (s.api_key, s.dtype, s.log_level, s.device) == ("k", "bfloat16", "debug", "cuda:1")
     assert (s.decode_graphs, s.decode_ahead, s.cpu_threads) == ("off", "off", 2)
-    assert (s.max_body_bytes, s.body_timeout) == (1000, 4.5)
+    assert (s.max_body_bytes, s.body_timeout, s.header_timeout) == (1000, 4.5, 6.5)
     caps = (s.max_image_side, s.max_timesteps, s.max_refine_rounds, s.max_partial_images)
     assert caps == (512, 25, 0, 2)
     help_text = build_parser().format_help()

@@ -31,6 +31,7 @@ LIMITS = {
     "max_image_pixels": 100 * 100,
     "max_body_bytes": 64 * 1024,
     "body_timeout": 1.0,
+    "header_timeout": 1.0,
     "request_timeout": 60.0,
 }
 
@@ -333,6 +334,58 @@ def test_a_stalled_body_gets_408_and_a_trickling_one_is_served(server, http):
 
     r = http.post("/generate", content=trickle(), headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
+
+
+def _reply_after(sock: socket.socket, chunks) -> tuple[bytes, float]:
+    """Send the chunks (a pause after each), then read to the end: what came back and when."""
+    start = time.monotonic()
+    for chunk, pause in chunks:
+        try:
+            sock.sendall(chunk)
+        except OSError:  # closed under a trickle: what it got is below
+            break
+        time.sleep(pause)
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    return reply, time.monotonic() - start
+
+
+def _one_response(sock: socket.socket) -> bytes:
+    """One whole response (head and its content-length body) from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_late_request_head_gets_408_and_the_connection_closes(server, http):
+    # Nothing at all, then headers trickled a byte each 0.2 s (each pause under the limit, the
+    # whole head over it): both end when the head's 1 s is up; uvicorn alone waits forever.
+    head = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
+    for chunks in ([], [(head[i : i + 1], 0.2) for i in range(len(head))]):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            reply, took = _reply_after(s, chunks)
+        status, _, rest = reply.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout" and b"connection: close" in rest
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert (error["code"], error["param"], error["limit"]) == ("header_timeout", "headers", 1.0)
+        assert 0.9 < took < 5
+    # A kept-alive connection gets the same second from its next request's first byte, however
+    # long it was quiet before, and a head that arrives in time is answered.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _one_response(s).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.5)
+        s.sendall(b"Host: t\r\n\r\n")
+        assert _one_response(s).startswith(b"HTTP/1.1 200")
+    assert http.get("/health").status_code == 200
 
 
 def test_valid_request_reaches_the_engine(http):
