@@ -38,6 +38,7 @@ from irg_engine.recipes.work import (
     DecodeLatents,
     DecodeStep,
     EncodeLatent,
+    NonFiniteLogits,
     PrefillText,
     ReadKV,
     Velocity,
@@ -245,6 +246,10 @@ class Engine:
 
     def _send(self, req: Request, result) -> None:
         if (end := req.advance(result)) is not None:
+            if isinstance(req.error, NonFiniteLogits):
+                # The model's numbers more likely than the request's: flagged until a step
+                # succeeds, and kept by a probe that draws no token either (`step_guard.py`).
+                self.guard.flag(f"{type(req.error).__name__}: {req.error}")
             self._finish(req, end)
 
     def _advance_inline(self, req: Request) -> None:

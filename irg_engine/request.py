@@ -144,6 +144,7 @@ class Request:
         # of their own instead of the recipe named by the parameters.
         self.observer, self.program_factory = observer, program_factory
         self.result: Any = None
+        self.error: Exception | None = None  # what the program raised, where it ended so
         self.arrival = 0
         self.submitted = time.monotonic()
         self.program: Program | None = None
@@ -193,6 +194,7 @@ class Request:
             return self.summary()
         except Exception as error:  # a bug or bad input ends this request only
             log.exception("request %s failed", self.id)
+            self.error = error
             return ev.Failed("engine_error", f"{type(error).__name__}: {error}")
         return None
 

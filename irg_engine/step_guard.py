@@ -5,9 +5,13 @@ the engine's fault flag.
 it was and each item runs alone: only the items that fail alone fail. When every item fails, the
 fault looks like the engine's, so the guard flags it (`fault`, which /ready and the metrics
 report) until a step succeeds. A request poisoned alone in its step looks the same, and a
-balancer sends no traffic to a server that says it is faulty, so `probe` runs one token alone
-every `PROBE_INTERVAL_S` while a fault is flagged and the engine has no model work: its success
-clears the flag; a model that is really broken keeps it.
+balancer sends no traffic to a server that says it is faulty, so `probe` runs one greedy decode
+step alone every `PROBE_INTERVAL_S` while a fault is flagged and the engine has no model work:
+its success clears the flag; a model that is really broken keeps it. Success includes a token:
+a model whose logits are NaN (an overflow in a low-precision dtype, say) runs its steps without
+raising and fails every request at its first sampled token (`NonFiniteLogits`, flagged by the
+engine), so a probe that only ran the forward would clear the flag each time and /ready would
+call the model healthy between the failures.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import logging
 import time
 
 from irg_engine.block_pool import BlockPool, KVSequence
-from irg_engine.recipes.work import PrefillText, Velocity
+from irg_engine.recipes.work import DecodeStep, Velocity
 from irg_engine.runner import Runner, Scheduled
+from irg_engine.sampler import NO_TOKEN
 
 log = logging.getLogger("irg_engine")
 
@@ -58,8 +63,13 @@ class StepGuard:
             return
         self._probed = time.monotonic()
         seq = KVSequence("probe")
-        error = self._try([Scheduled(PrefillText(seq, [0]), 1)])
+        # `last`: nothing is run ahead of it (decode-ahead) for a sequence freed right after.
+        step = Scheduled(DecodeStep(seq, 0, last=True), 1)
+        error = self._try([step])
         seq.free(self.pool)
+        if error is None and step.result.token == NO_TOKEN:
+            log.info("a probe step drew no token (non-finite logits): the fault stays")
+            return
         if error is None:
             log.info("a probe step succeeded: the engine fault (%s) is cleared", self.fault)
             self.fault = None

@@ -15,6 +15,7 @@ from irg_engine import events as ev
 from irg_engine.client import EngineClient
 from irg_engine.config import EngineConfig
 from irg_engine.engine import Engine
+from irg_engine.model.lm import UND
 from irg_engine.parity import rel_l2
 from irg_engine.recipes import RecipeParams, run
 from irg_engine.recipes.params import Observer
@@ -463,6 +464,33 @@ def test_a_fault_of_one_request_clears_without_traffic(tiny_model, monkeypatch):
     monkeypatch.setattr("irg_engine.step_guard.PROBE_INTERVAL_S", 0.0)
     engine.step()
     assert engine.stats().healthy and engine.stats().fault is None
+    assert engine.pool.num_used == 0
+
+
+def test_a_model_whose_logits_are_nan_stays_flagged_without_traffic(tiny_model, monkeypatch):
+    """Its steps run without raising and every request fails at its first token: the probe
+    (one greedy decode step) draws no token either, so the flag stays until the model is sound."""
+    monkeypatch.setattr("irg_engine.step_guard.PROBE_INTERVAL_S", 0.0)
+    engine = Engine(tiny_model, EngineConfig(decode_graphs="off"))
+    norm = tiny_model.bagel.lm.norms[UND].weight
+    sound = norm.detach().clone()
+    failed = []
+    try:
+        with torch.no_grad():
+            norm.fill_(float("nan"))  # every hidden row, so every logit, is NaN
+        params = RecipeParams("x", width=32, height=32, num_timesteps=2, max_think_tokens=4)
+        engine.add(Request("nan", params, failed.append))
+        engine.run_until_idle()
+        assert isinstance(failed[-1], ev.Failed) and "not finite" in failed[-1].message
+        for _ in range(3):  # no model work: each pass probes, and each probe fails
+            engine.step()
+            assert not engine.stats().healthy
+    finally:
+        with torch.no_grad():
+            norm.copy_(sound)
+    engine.step()
+    assert engine.stats().healthy
+    engine.clear_prefix_cache()  # (it keeps the system prompt's blocks)
     assert engine.pool.num_used == 0
 
 
