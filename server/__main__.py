@@ -54,8 +54,10 @@ class DrainingServer(uvicorn.Server):
         # and the exit code stays ours.
         state = self.config.app.state.irg
         if state.admission.draining or self.should_exit:
-            self.force_exit = self.should_exit = True  # a second signal: stop now
-            return
+            # A second signal: stop now. Not through uvicorn's forced exit, whose cancelled
+            # lifespan and request tasks each log a traceback at ERROR.
+            log.info("received %s again: exiting now", signal.Signals(sig).name)
+            exit_now(self.exit_code)
         if self._loop is None:
             self.should_exit = True  # not serving yet: nothing to drain
             return
@@ -86,15 +88,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.run()
     busy = [t.name for t in threading.enumerate() if t.name.startswith(WORKER_THREADS)]
     if busy:
-        # Stopped during the model load, or by a second signal (uvicorn then skips the app's
-        # shutdown, so the engine's threads go on): at interpreter exit they would be ended
-        # inside torch's C++ code, which aborts the process (SIGABRT instead of our exit code).
+        # Stopped with a worker still inside torch (the model load, say): at interpreter exit it
+        # would be ended inside torch's C++ code, which aborts the process (SIGABRT instead of
+        # our exit code).
         log.info("exiting with %s still running", ", ".join(busy))
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(server.exit_code)
+        exit_now(server.exit_code)
     return server.exit_code
+
+
+def exit_now(code: int) -> None:
+    """End the process at once with `code`, logs and output flushed; threads inside torch are
+    not joined (the OS closes the sockets: open streams are cut)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
