@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from irg_engine.model.bagel import LoadedModel
 from server import caps, errors
 from server.auth import ApiKeyMiddleware
-from server.body_limit import BodyLimitMiddleware
+from server.body_limit import BodyLimitMiddleware, separator_limit
 from server.routes import generate, health, metrics, openai, playground
 from server.settings import Settings
 from server.state import ServerState
@@ -66,7 +66,10 @@ def create_app(
     for module in (generate, openai, health, metrics, playground):
         app.include_router(module.router)
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout,
+        max_separators=separator_limit(settings.max_prompt_tokens),
     )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)  # added last: outermost
