@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 # BAGEL's default pixel cap for its resize transforms.
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
@@ -156,11 +156,34 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Im
                     f"{max_pixels}"
                 )
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            return to_rgb(upright(image))
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image exceeds the decoder's pixel limit: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as exc:
         raise ValueError(f"cannot decode image data ({len(data)} bytes): {why(exc)}") from exc
+
+
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation; as stored where the EXIF cannot be read.
+    (Not `ImageOps.exif_transpose`: it re-serialises the EXIF, which raises on malformed tags,
+    and copies an image that needs no turn.)"""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return image
+    method = _ORIENT.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image
 
 
 def why(exc: Exception) -> str:

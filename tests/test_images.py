@@ -233,6 +233,20 @@ def test_decode_image_applies_exif_orientation() -> None:
     assert (upright[0] == (255, 0, 0)).all() and not upright[1:, :, 0].any()
 
 
+def test_decode_image_survives_malformed_exif() -> None:
+    # An ASCII tag renumbered as SubIFDs (which PIL reads as offsets): rewriting such an EXIF, as
+    # ImageOps.exif_transpose does after turning an image, raised struct.error (a 500 upstream).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010E] = "desc"
+    raw = exif.tobytes()
+    malformed = raw.replace(b"\x01\x0e\x00\x02", b"\x01\x4a\x00\x02")
+    assert malformed != raw
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 4), (200, 0, 0)).save(buffer, format="JPEG", exif=malformed)
+    assert decode_image(buffer.getvalue()).size == (4, 6)  # still turned upright
+
+
 def test_decode_image_errors() -> None:
     with pytest.raises(ValueError, match="empty"):
         decode_image(b"")
