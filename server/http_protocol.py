@@ -9,6 +9,10 @@ the same from the first byte of its next request, to complete the request line a
 then it gets a 408 `header_timeout` and is closed. The deadline counts the whole head, not the
 pauses between its bytes: a trickle that keeps arriving does not extend it. Once the head is in,
 the body's own limits take over (`body_limit.py`), and nothing limits how long the answer takes.
+One more gap gets the same deadline: a request answered before its body was read (a 400 for a
+body over the limit, a 404) has the rest of its body discarded as it comes, and uvicorn's
+keep-alive timer is off meanwhile; past the deadline that connection is closed (no 408: it has
+had its answer).
 
 The 408 is written to the socket directly: h11 has no request to answer yet.
 """
@@ -56,11 +60,11 @@ class HeadDeadlineProtocol(H11Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self._awaiting_head():
-            self._arm()  # the first byte of a keep-alive connection's next request
         super().data_received(data)
-        if not self._awaiting_head():
+        if not self._head_due():
             self._disarm()
+        elif self._head_timer is None:
+            self._arm()  # a kept-alive connection's next bytes (or a discarded body's)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -68,6 +72,12 @@ class HeadDeadlineProtocol(H11Protocol):
 
     def _awaiting_head(self) -> bool:
         return self.conn.their_state is h11.IDLE
+
+    def _head_due(self) -> bool:
+        # No request is being served: a head is awaited, or our answer went out early (a 400,
+        # 404, 413) and uvicorn discards the rest of its body, cancelling its keep-alive timer.
+        their, ours = self.conn.their_state, self.conn.our_state
+        return their is h11.IDLE or (their is h11.SEND_BODY and ours is h11.DONE)
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
@@ -79,8 +89,9 @@ class HeadDeadlineProtocol(H11Protocol):
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self._awaiting_head() and not self.transport.is_closing():
-            self.transport.write(self.timeout_response)
+        if self._head_due() and not self.transport.is_closing():
+            if self._awaiting_head():
+                self.transport.write(self.timeout_response)
             self.transport.close()
 
 

@@ -148,11 +148,12 @@ class Settings:
             "max_think_tokens",
             "keepalive_interval",
         )
+        # (`not x > 0`: NaN, which argparse's float() takes, compares false either way)
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_queued", "shutdown_timeout", "cpu_threads"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         # The request models hold the model's limits; a server can only cap lower.
         ranges = {

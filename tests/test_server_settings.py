@@ -93,6 +93,8 @@ def test_empty_api_key_means_none():
         ([], {"IRG_MAX_REFINE_ROUNDS": "5"}),
         ([], {"IRG_MAX_PARTIAL_IMAGES": "-1"}),
         (["--cpu-threads", "-1"], {}),
+        (["--header-timeout", "nan"], {}),
+        ([], {"IRG_SHUTDOWN_TIMEOUT": "nan"}),
     ],
 )
 def test_bad_values_exit_with_a_message(argv, env, capsys):

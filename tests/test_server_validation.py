@@ -388,6 +388,28 @@ def test_a_late_request_head_gets_408_and_the_connection_closes(server, http):
     assert http.get("/health").status_code == 200
 
 
+def test_a_body_trickled_after_an_early_answer_is_cut_off(server):
+    # Answered (400, over the size limit) before its body: uvicorn discards the rest as it comes
+    # and its keep-alive timer is off meanwhile, so a trickle held the socket for good.
+    head = b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Length: 999999\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head)
+        assert _one_response(s).startswith(b"HTTP/1.1 400")
+        start = time.monotonic()
+        while time.monotonic() - start < 8:
+            try:
+                s.sendall(b"x")
+            except OSError:
+                break
+            s.settimeout(0.3)
+            try:
+                if s.recv(65536) == b"":
+                    break
+            except TimeoutError:
+                pass
+        assert time.monotonic() - start < 5  # the head's 1 s, not the 8 s of trickling
+
+
 def test_valid_request_reaches_the_engine(http):
     r = http.post("/generate", json=OK)
     assert r.status_code == 200 and len(r.json()["images"]) == 1
