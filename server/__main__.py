@@ -39,6 +39,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.settings = settings
         self.exit_code = 0
+        self.signalled = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets=None) -> None:
@@ -53,11 +54,14 @@ class DrainingServer(uvicorn.Server):
         # Signals are not recorded as captured, so uvicorn does not re-raise them after serving
         # and the exit code stays ours.
         state = self.config.app.state.irg
-        if state.admission.draining or self.should_exit:
+        # `signalled`, not the drain's own flag: the loop sets that only when it runs, and a
+        # second signal must count while the loop is busy (blocked on a full stderr pipe, say).
+        if self.signalled or state.admission.draining or self.should_exit:
             # A second signal: stop now. Not through uvicorn's forced exit, whose cancelled
             # lifespan and request tasks each log a traceback at ERROR.
             log.info("received %s again: exiting now", signal.Signals(sig).name)
             exit_now(self.exit_code)
+        self.signalled = True
         if self._loop is None:
             self.should_exit = True  # not serving yet: nothing to drain
             return
@@ -85,7 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         app, settings, log_level=settings.log_level, timeout_graceful_shutdown=5
     )
     server = DrainingServer(config, settings)
-    server.run()
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn's own exit (a port in use, a failed startup)
+        server.exit_code = exc.code if isinstance(exc.code, int) else 1
     busy = [t.name for t in threading.enumerate() if t.name.startswith(WORKER_THREADS)]
     if busy:
         # Stopped with a worker still inside torch (the model load, say): at interpreter exit it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -87,6 +88,22 @@ def test_bad_model_path_exits_1(tmp_path):
     finally:
         log = proc.stop()
     assert "cannot start" in log
+
+
+def test_a_port_in_use_exits_with_uvicorns_code_not_an_abort(tiny_dir):
+    """uvicorn leaves with sys.exit when it cannot bind; the model load's thread was then ended
+    inside torch at interpreter exit (SIGABRT, "terminate called")."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"IRG_MODEL": str(tiny_dir), "IRG_PORT": str(taken.getsockname()[1])}
+        proc = ServerProcess(env)
+        try:
+            code = proc.proc.wait(timeout=60)
+        finally:
+            log = proc.stop()
+    assert code not in (0, -signal.SIGABRT) and "terminate called" not in log, (code, log)
+    assert "address already in use" in log.lower()
 
 
 def test_sigterm_while_the_model_loads_exits_at_once(tiny_dir, tmp_path):
