@@ -45,6 +45,7 @@ from irg_engine.recipes.work import (
 )
 from irg_engine.request import Request
 from irg_engine.runner import Runner, Scheduled, auto_kv_tokens
+from irg_engine.sampler import NO_TOKEN
 from irg_engine.scheduler import Pending, Scheduler
 from irg_engine.step_guard import StepGuard
 
@@ -205,6 +206,8 @@ class Engine:
         item = sch.item
         if isinstance(item, DecodeStep):
             self.tokens_decoded += 1
+            if sch.result.token != NO_TOKEN:
+                self.guard.token_drawn()
         elif isinstance(item, Velocity):
             self.denoise_steps += 1
         elif isinstance(item, PrefillText):
@@ -247,9 +250,9 @@ class Engine:
     def _send(self, req: Request, result) -> None:
         if (end := req.advance(result)) is not None:
             if isinstance(req.error, NonFiniteLogits):
-                # The model's numbers more likely than the request's: flagged until a step
-                # succeeds, and kept by a probe that draws no token either (`step_guard.py`).
-                self.guard.flag(f"{type(req.error).__name__}: {req.error}")
+                # The model's numbers more likely than the request's: flagged until a decode
+                # row (or the probe) draws a real token (`step_guard.py`).
+                self.guard.flag(f"{type(req.error).__name__}: {req.error}", numbers=True)
             self._finish(req, end)
 
     def _advance_inline(self, req: Request) -> None:

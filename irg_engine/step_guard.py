@@ -9,9 +9,10 @@ balancer sends no traffic to a server that says it is faulty, so `probe` runs on
 step alone every `PROBE_INTERVAL_S` while a fault is flagged and the engine has no model work:
 its success clears the flag; a model that is really broken keeps it. Success includes a token:
 a model whose logits are NaN (an overflow in a low-precision dtype, say) runs its steps without
-raising and fails every request at its first sampled token (`NonFiniteLogits`, flagged by the
-engine), so a probe that only ran the forward would clear the flag each time and /ready would
-call the model healthy between the failures.
+raising and fails every request at its first sampled token (`NonFiniteLogits`, which the engine
+flags with `numbers=True`), so a probe that only ran the forward would clear the flag each time,
+and so would any step that raises nothing (a prefill): such a fault clears only where a token is
+drawn (`token_drawn`, or the probe's own).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StepGuard:
     def __init__(self, runner: Runner, pool: BlockPool) -> None:
         self.runner, self.pool = runner, pool
         self.fault: str | None = None
+        self._numbers = False  # the fault is non-finite outputs: only a drawn token clears it
         self._probed = 0.0  # when `probe` last ran
 
     @property
@@ -42,7 +44,8 @@ class StepGuard:
     def run(self, scheduled: list[Scheduled]) -> list[Exception | None]:
         """Each item's error, None where it ran (its result is on it)."""
         if (error := self._try(scheduled)) is None:
-            self.fault = None
+            if not self._numbers:
+                self.fault = None
             return [None] * len(scheduled)
         log.error("engine step failed; retrying item by item", exc_info=error)
         errors = [self._try([sch]) for sch in scheduled]
@@ -50,11 +53,16 @@ class StepGuard:
             self.flag(f"{type(error).__name__}: {error}")
         return errors
 
-    def flag(self, fault: str) -> None:
-        """Record an engine fault; the first probe comes `PROBE_INTERVAL_S` later, so the flag
-        is seen even when nothing else runs."""
-        self.fault = fault
+    def flag(self, fault: str, numbers: bool = False) -> None:
+        """Record an engine fault (`numbers`: the model's outputs were not finite); the first
+        probe comes `PROBE_INTERVAL_S` later, so the flag is seen even when nothing else runs."""
+        self.fault, self._numbers = fault, numbers
         self._probed = time.monotonic()
+
+    def token_drawn(self) -> None:
+        """A decode row drew a real token: the model's numbers are sound again."""
+        if self._numbers:
+            self.fault, self._numbers = None, False
 
     def probe(self) -> None:
         """Call when the engine has no model work: one token alone, if a fault is flagged and
@@ -72,7 +80,7 @@ class StepGuard:
             return
         if error is None:
             log.info("a probe step succeeded: the engine fault (%s) is cleared", self.fault)
-            self.fault = None
+            self.fault, self._numbers = None, False
 
     def _try(self, scheduled: list[Scheduled]) -> Exception | None:
         """Run these items; on an exception, put every sequence they wrote back as it was."""

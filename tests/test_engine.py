@@ -467,9 +467,10 @@ def test_a_fault_of_one_request_clears_without_traffic(tiny_model, monkeypatch):
     assert engine.pool.num_used == 0
 
 
-def test_a_model_whose_logits_are_nan_stays_flagged_without_traffic(tiny_model, monkeypatch):
-    """Its steps run without raising and every request fails at its first token: the probe
-    (one greedy decode step) draws no token either, so the flag stays until the model is sound."""
+def test_a_model_whose_logits_are_nan_stays_flagged_until_a_token_is_drawn(tiny_model, monkeypatch):
+    """Its steps run without raising and every request fails at its first token: neither another
+    request's steps nor the probe (one greedy decode step, which draws no token either) clear
+    the flag; a drawn token does."""
     monkeypatch.setattr("irg_engine.step_guard.PROBE_INTERVAL_S", 0.0)
     engine = Engine(tiny_model, EngineConfig(decode_graphs="off"))
     norm = tiny_model.bagel.lm.norms[UND].weight
@@ -485,11 +486,19 @@ def test_a_model_whose_logits_are_nan_stays_flagged_without_traffic(tiny_model, 
         for _ in range(3):  # no model work: each pass probes, and each probe fails
             engine.step()
             assert not engine.stats().healthy
+        # Another request's steps raise nothing until its first token: they clear nothing.
+        engine.add(Request("nan-2", params, failed.append))
+        while not engine.idle:
+            engine.step()
+            assert not engine.stats().healthy
+        assert isinstance(failed[-1], ev.Failed)
     finally:
         with torch.no_grad():
             norm.copy_(sound)
-    engine.step()
-    assert engine.stats().healthy
+    ok = []  # a token drawn by a request clears it, as the probe's would
+    engine.add(Request("sound", params, ok.append))
+    engine.run_until_idle()
+    assert isinstance(ok[-1], ev.Finished) and engine.stats().healthy
     engine.clear_prefix_cache()  # (it keeps the system prompt's blocks)
     assert engine.pool.num_used == 0
 
