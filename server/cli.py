@@ -1,10 +1,10 @@
 """`irg`: the command-line client of a running server.
 
-- `irg generate "a prompt" --out DIR [--server URL] [options]` streams one request: thoughts are
-  printed to stdout as they arrive, denoising progress is drawn as a bar on stderr, and each image
-  is saved as `DIR/round{r}.png` with the texts beside it (`texts.json`, `texts.md`) and the
-  summary (`result.json`).
-- `irg health [--server URL]` prints /health and /ready; exit 0 only when ready.
+- `irg [--server URL] [--api-key KEY] generate "a prompt" --out DIR [options]` streams one
+  request: thoughts are printed to stdout as they arrive, denoising progress is drawn as a bar on
+  stderr, and each image is saved as `DIR/round{r}.png` with the texts beside it (`texts.json`,
+  `texts.md`) and the summary (`result.json`, `"status": "failed"` and the error when it fails).
+- `irg [--server URL] health` prints /health and /ready; exit 0 only when ready.
 The server URL and API key also come from `IRG_SERVER` and `IRG_API_KEY`.
 """
 
@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO, get_args
 
@@ -24,6 +25,8 @@ from server.protocol import Recipe
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 BAR_WIDTH = 30
+OUTPUTS = ("round*.png", "texts.json", "texts.md", "result.json")
+EXIT_RETRYABLE = 3  # 429 / 503: try again later
 
 
 def sse_events(response: httpx.Response):
@@ -103,9 +106,13 @@ def request_body(args: argparse.Namespace) -> dict:
 
 
 def save_texts(out: Path, prompt: str, model: str, texts: list[dict]) -> None:
-    (out / "texts.json").write_text(json.dumps(texts, indent=2, ensure_ascii=False) + "\n")
+    (out / "texts.json").write_text(
+        json.dumps(texts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     parts = [f"## {t['stage']} (round {t['round']})\n\n{t['text']}" for t in texts]
-    (out / "texts.md").write_text(f"# {prompt}\n\nmodel: {model}\n\n" + "\n\n".join(parts) + "\n")
+    (out / "texts.md").write_text(
+        f"# {prompt}\n\nmodel: {model}\n\n" + "\n\n".join(parts) + "\n", encoding="utf-8"
+    )
 
 
 def generate(args: argparse.Namespace, client: httpx.Client, out: TextIO, err: TextIO) -> int:
@@ -114,33 +121,74 @@ def generate(args: argparse.Namespace, client: httpx.Client, out: TextIO, err: T
     with client.stream("POST", "/generate", json=request_body(args)) as response:
         if response.status_code != 200:
             response.read()
-            printer.line(f"error {response.status_code}: {error_text(response)}")
+            retry = response.headers.get("retry-after")
+            hint = f" (retry after {retry} s)" if retry else ""
+            printer.line(f"error {response.status_code}: {error_text(response)}{hint}")
+            return EXIT_RETRYABLE if response.status_code in (429, 503) else 1
+        # Outputs of an earlier run in the same folder must not pass for this one's.
+        for pattern in OUTPUTS:
+            for stale in args.out.glob(pattern):
+                stale.unlink()
+        texts: dict[tuple[str, int], str] = {}
+
+        def failed(code: str, message: str) -> int:
+            printer.line(f"error: {code}: {message}")
+            parts = [{"stage": s, "round": r, "text": t} for (s, r), t in texts.items()]
+            result = {"status": "failed", "error": {"code": code, "message": message}}
+            (args.out / "result.json").write_text(
+                json.dumps({**result, "texts": parts}, indent=2) + "\n", encoding="utf-8"
+            )
             return 1
-        for event, data in sse_events(response):
-            if event == "queued":
-                printer.line(f"queued (position {data['position']})")
-            elif event == "text.delta":
-                printer.text(data["stage"], data["round"], data["delta"])
-            elif event == "image.progress":
-                printer.progress(data["round"], data["step"], data["total_steps"])
-            elif event == "image.partial":
-                path = args.out / f"round{data['round']}.partial{data['index']}.png"
-                path.write_bytes(base64.b64decode(data["b64_png"]))
-            elif event == "image.done":
-                path = args.out / f"round{data['round']}.png"
-                path.write_bytes(base64.b64decode(data["b64_png"]))
-                printer.line(f"saved {path} ({data['width']}x{data['height']})")
-            elif event == "done":
-                save_texts(args.out, args.prompt, data["model"], data["texts"])
-                (args.out / "result.json").write_text(json.dumps(data, indent=2) + "\n")
-                total = data["timings"].get("total", 0.0)
-                printer.line(f"done in {total:.1f}s: {data['model']}, seed {data['seed']}")
-                return 0
-            elif event == "error":
-                printer.line(f"error: {data['code']}: {data['message']}")
-                return 1
-    printer.line("error: the stream ended without a result")
-    return 1
+
+        try:
+            return stream_events(args, response, printer, texts, failed)
+        except httpx.TimeoutException:
+            return failed("timeout", f"no data from the server for {args.timeout:g} s (--timeout)")
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            return failed("connection_lost", f"the stream broke off: {exc}")
+        except json.JSONDecodeError as exc:
+            return failed("bad_event", f"the server sent an unreadable event: {exc}")
+        except KeyboardInterrupt:  # leaving the `with` closes the stream: the server aborts it
+            failed("interrupted", "interrupted")
+            return 130
+
+
+def stream_events(
+    args: argparse.Namespace,
+    response: httpx.Response,
+    printer: Printer,
+    texts: dict[tuple[str, int], str],
+    failed: Callable[[str, str], int],
+) -> int:
+    """Print and save the stream's events; the exit code. `texts` collects the text so far
+    (for a failed run's result.json); `failed(code, message)` ends a run that failed."""
+    for event, data in sse_events(response):
+        if event == "queued":
+            printer.line(f"queued (position {data['position']})")
+        elif event == "text.delta":
+            key = (data["stage"], data["round"])
+            texts[key] = texts.get(key, "") + data["delta"]
+            printer.text(data["stage"], data["round"], data["delta"])
+        elif event == "image.progress":
+            printer.progress(data["round"], data["step"], data["total_steps"])
+        elif event == "image.partial":
+            path = args.out / f"round{data['round']}.partial{data['index']}.png"
+            path.write_bytes(base64.b64decode(data["b64_png"]))
+        elif event == "image.done":
+            path = args.out / f"round{data['round']}.png"
+            path.write_bytes(base64.b64decode(data["b64_png"]))
+            printer.line(f"saved {path} ({data['width']}x{data['height']})")
+        elif event == "done":
+            save_texts(args.out, args.prompt, data["model"], data["texts"])
+            (args.out / "result.json").write_text(
+                json.dumps({"status": "ok", **data}, indent=2) + "\n", encoding="utf-8"
+            )
+            total = data["timings"].get("total", 0.0)
+            printer.line(f"done in {total:.1f}s: {data['model']}, seed {data['seed']}")
+            return 0
+        elif event == "error":
+            return failed(data["code"], data["message"])
+    return failed("incomplete", "the stream ended without a result")
 
 
 def error_text(response: httpx.Response) -> str:
@@ -155,14 +203,28 @@ def health(client: httpx.Client, out: TextIO) -> int:
     live = client.get("/health")
     ready = client.get("/ready")
     out.write(f"health: {live.status_code} {live.text}\nready: {ready.status_code} {ready.text}\n")
+    # /health and /ready take no key: ask a route that does, so a wrong key shows here.
+    models = client.get("/v1/models")
+    if models.status_code == 401:
+        out.write(f"auth: 401 {error_text(models)}\n")
+        return 1
     return 0 if ready.status_code == 200 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="irg", description=__doc__.split("\n\n")[0])
-    p.add_argument("--server", default=os.environ.get("IRG_SERVER", DEFAULT_SERVER))
-    p.add_argument("--api-key", default=os.environ.get("IRG_API_KEY"))
-    p.add_argument("--timeout", type=float, default=3600.0, help="HTTP read timeout, seconds")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("IRG_SERVER", DEFAULT_SERVER),
+        help=f"server URL [env IRG_SERVER; default {DEFAULT_SERVER}]",
+    )
+    p.add_argument("--api-key", default=os.environ.get("IRG_API_KEY"), help="[env IRG_API_KEY]")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds without any data from the server (keep-alives count) before giving up",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream one request and save its images and texts")
     g.add_argument("prompt")
@@ -180,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("partial-images", int),
         ("timeout-s", float),
     ):
-        g.add_argument(f"--{name}", type=kind, default=None, help="(default: the server's)")
+        help = "server-side deadline, seconds" if name == "timeout-s" else ""
+        g.add_argument(f"--{name}", type=kind, default=None, help=f"{help} (default: the server's)")
     sub.add_parser("health", help="print /health and /ready; exit 0 when ready")
     return p
 
@@ -200,6 +263,12 @@ def main(
     except httpx.HTTPError as exc:
         err.write(f"error: cannot reach {args.server}: {exc}\n")
         return 2
+    except OSError as exc:  # --out not writable, --image missing, a full disk
+        err.write(f"\nerror: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("\ninterrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

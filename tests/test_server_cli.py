@@ -40,7 +40,8 @@ def test_generate_streams_thoughts_bars_and_saves_files(server, tmp_path):
     texts = json.loads((tmp_path / "texts.json").read_text())
     assert [t["stage"] for t in texts] == ["think", "reflect"]
     assert "# a small house" in (tmp_path / "texts.md").read_text()
-    assert "random" in json.loads((tmp_path / "result.json").read_text())["model"]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "ok" and "random" in result["model"]
 
 
 def test_generate_reports_http_errors(server, tmp_path):
@@ -48,6 +49,23 @@ def test_generate_reports_http_errors(server, tmp_path):
         "--server", server.url, "generate", "x", "--out", str(tmp_path), "--width", "100"
     )
     assert code == 1 and "error 400" in err and "width" in err
+
+
+def test_a_failed_run_says_so_and_leaves_no_earlier_outputs(server, tmp_path):
+    code, _, err = run_cli(
+        "--server", server.url, "generate", "first", "--out", str(tmp_path), *SMALL_ARGS
+    )
+    assert code == 0, err
+    # A deadline that passes mid-think: an `error` event once the stream has started.
+    code, _, err = run_cli(
+        "--server", server.url, "generate", "second", "--out", str(tmp_path),
+        "--width", "32", "--height", "32", "--max-think-tokens", "2000", "--timeout-s", "1",
+    )  # fmt: skip
+    assert code == 1 and "error: timeout" in err, err
+    assert not list(tmp_path.glob("round*.png")) and not (tmp_path / "texts.md").exists()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"]["code"] == "timeout"
+    assert result["texts"][0]["stage"] == "think" and result["texts"][0]["text"]
 
 
 def test_health(server):
