@@ -10,12 +10,15 @@
 - metrics and the admission ticket are settled exactly once, when the engine's final event
   arrives rather than when the consumer reads it: a client that stops reading its stream (its
   socket's buffer full, the writer blocked) would otherwise hold its admission slot forever, and
-  the deadline checks here only run while someone reads.
+  the deadline checks here only run while someone reads. Settling logs one line per request that
+  reached the engine (id, recipe, size, time, tokens; or how it ended), at INFO, and at WARNING
+  for an engine error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +30,8 @@ from server.errors import ApiError
 from server.metrics import REASON_OF_FAILURE
 from server.result import failure_error
 from server.state import ServerState
+
+log = logging.getLogger("irg.server")
 
 KEEPALIVE = object()
 # How long past its deadline a request may stay silent before the server gives up on the engine.
@@ -183,6 +188,27 @@ class Job:
             return
         self.final = final
         m = self.state.metrics
-        m.e2e_latency.observe(time.monotonic() - self.arrived)
+        elapsed = time.monotonic() - self.arrived
+        m.e2e_latency.observe(elapsed)
         m.finish(reason)
         self.ticket.release()
+        self._log(final, reason, elapsed)
+
+    def _log(self, final: Finished | Failed | None, reason: str, elapsed: float) -> None:
+        p = self.params
+        what = f"{p.recipe} {p.width}x{p.height}"
+        if isinstance(final, Finished):
+            u = final.usage
+            log.info(
+                "request %s ok: %s in %.2f s, %d prompt + %d generated tokens, %d denoise steps",
+                self.id,
+                what,
+                elapsed,
+                u.get("prompt_tokens", 0),
+                u.get("generated_tokens", 0),
+                u.get("denoise_steps", 0),
+            )
+        elif isinstance(final, Failed):
+            level = logging.WARNING if reason == "error" else logging.INFO
+            message = f"request {self.id} {reason}: {what} after {elapsed:.2f} s: {final.message}"
+            log.log(level, "%s", message)

@@ -42,11 +42,14 @@ def test_probes_and_models_say_random_weights(http):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
-def test_json_answer(http):
+def test_json_answer(http, caplog):
     body = {"prompt": "a red cube", "recipe": "think_t2i", "seed": 7, **SMALL, "width": 48}
-    r = http.post("/generate", json=body)
+    with caplog.at_level("INFO", logger="irg.server"):
+        r = http.post("/generate", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
+    # One line per request for the operator: id, recipe, size, time, tokens.
+    assert f"request {out['id']} ok: think_t2i 48x32 in " in caplog.text
     assert out["id"] and "random" in out["model"] and out["seed"] == 7
     assert [t["stage"] for t in out["texts"]] == ["think"]
     [image] = out["images"]

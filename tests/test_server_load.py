@@ -112,11 +112,13 @@ def test_json_request_disconnect_aborts(server, http):
     assert wait_for(lambda: server.state.client.stats().running == 0)
 
 
-def test_deadline_gives_504_or_an_error_event(http):
+def test_deadline_gives_504_or_an_error_event(http, caplog):
     timeouts = finished(http, "timeout")
     body = {**LONG, "timeout_s": 0.3}
-    r = http.post("/generate", json=body)
+    with caplog.at_level("INFO", logger="irg.server"):
+        r = http.post("/generate", json=body)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert " timeout: t2i 128x128 after " in caplog.text and "deadline exceeded" in caplog.text
     # OpenAI's clients retry a 5xx twice unless told not to: the whole run would go again.
     assert r.headers["x-should-retry"] == "false"
     with http.stream("POST", "/generate", json={**body, "stream": True}) as r:
