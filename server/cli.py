@@ -117,29 +117,32 @@ def save_texts(out: Path, prompt: str, model: str, texts: list[dict]) -> None:
 
 def generate(args: argparse.Namespace, client: httpx.Client, out: TextIO, err: TextIO) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
+    # Outputs of an earlier run in the same folder must not pass for this one's.
+    for pattern in OUTPUTS:
+        for stale in args.out.glob(pattern):
+            stale.unlink()
     printer = Printer(out, err)
+    texts: dict[tuple[str, int], str] = {}
+
+    def failed(code: str, message: str, status: int | None = None, exit_code: int = 1) -> int:
+        printer.line(f"error{f' {status}' if status else ''}: {code}: {message}")
+        error = {"code": code, "message": message, **({"status": status} if status else {})}
+        parts = [{"stage": s, "round": r, "text": t} for (s, r), t in texts.items()]
+        (args.out / "result.json").write_text(
+            json.dumps({"status": "failed", "error": error, "texts": parts}, indent=2) + "\n",
+            encoding="utf-8",
+        )
+        return exit_code
+
     with client.stream("POST", "/generate", json=request_body(args)) as response:
         if response.status_code != 200:
             response.read()
-            retry = response.headers.get("retry-after")
-            hint = f" (retry after {retry} s)" if retry else ""
-            printer.line(f"error {response.status_code}: {error_text(response)}{hint}")
-            return EXIT_RETRYABLE if response.status_code in (429, 503) else 1
-        # Outputs of an earlier run in the same folder must not pass for this one's.
-        for pattern in OUTPUTS:
-            for stale in args.out.glob(pattern):
-                stale.unlink()
-        texts: dict[tuple[str, int], str] = {}
-
-        def failed(code: str, message: str) -> int:
-            printer.line(f"error: {code}: {message}")
-            parts = [{"stage": s, "round": r, "text": t} for (s, r), t in texts.items()]
-            result = {"status": "failed", "error": {"code": code, "message": message}}
-            (args.out / "result.json").write_text(
-                json.dumps({**result, "texts": parts}, indent=2) + "\n", encoding="utf-8"
-            )
-            return 1
-
+            code, message = error_parts(response)
+            if retry := response.headers.get("retry-after"):
+                message += f" (retry after {retry} s)"
+            retryable = response.status_code in (429, 503)
+            exit_code = EXIT_RETRYABLE if retryable else 1
+            return failed(code, message, response.status_code, exit_code)
         try:
             return stream_events(args, response, printer, texts, failed)
         except httpx.TimeoutException:
@@ -149,8 +152,7 @@ def generate(args: argparse.Namespace, client: httpx.Client, out: TextIO, err: T
         except json.JSONDecodeError as exc:
             return failed("bad_event", f"the server sent an unreadable event: {exc}")
         except KeyboardInterrupt:  # leaving the `with` closes the stream: the server aborts it
-            failed("interrupted", "interrupted")
-            return 130
+            return failed("interrupted", "interrupted", exit_code=130)
 
 
 def stream_events(
@@ -191,12 +193,13 @@ def stream_events(
     return failed("incomplete", "the stream ended without a result")
 
 
-def error_text(response: httpx.Response) -> str:
+def error_parts(response: httpx.Response) -> tuple[str, str]:
+    """(code, message) of an error answer; its text where it is not the server's JSON shape."""
     try:
         error = response.json()["error"]
-        return f"{error['code']}: {error['message']}"
+        return str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
-        return response.text[:500]
+        return "http_error", response.text[:500]
 
 
 def health(client: httpx.Client, out: TextIO) -> int:
@@ -206,13 +209,17 @@ def health(client: httpx.Client, out: TextIO) -> int:
     # /health and /ready take no key: ask a route that does, so a wrong key shows here.
     models = client.get("/v1/models")
     if models.status_code == 401:
-        out.write(f"auth: 401 {error_text(models)}\n")
+        out.write(f"auth: 401 {': '.join(error_parts(models))}\n")
         return 1
     return 0 if ready.status_code == 200 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="irg", description=__doc__.split("\n\n")[0])
+    # No abbreviations: after `generate`, `--timeout` (a top-level flag) would be taken for
+    # `--timeout-s`, the server-side deadline.
+    p = argparse.ArgumentParser(
+        prog="irg", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument(
         "--server",
         default=os.environ.get("IRG_SERVER", DEFAULT_SERVER),
@@ -226,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without any data from the server (keep-alives count) before giving up",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="stream one request and save its images and texts")
+    g = sub.add_parser(
+        "generate", help="stream one request and save its images and texts", allow_abbrev=False
+    )
     g.add_argument("prompt")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--recipe", default="irg", choices=get_args(Recipe))

@@ -45,10 +45,23 @@ def test_generate_streams_thoughts_bars_and_saves_files(server, tmp_path):
 
 
 def test_generate_reports_http_errors(server, tmp_path):
+    (tmp_path / "round1.png").write_bytes(b"an earlier run's")
     code, _, err = run_cli(
         "--server", server.url, "generate", "x", "--out", str(tmp_path), "--width", "100"
     )
     assert code == 1 and "error 400" in err and "width" in err
+    assert not (tmp_path / "round1.png").exists()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"]["status"] == 400
+    assert result["error"]["code"] == "invalid_parameter"
+
+
+def test_the_read_timeout_goes_before_the_subcommand(tmp_path):
+    # After `generate` it was taken for an abbreviation of --timeout-s (the server's deadline).
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generate", "x", "--out", str(tmp_path), "--timeout", "5"])
+    args = cli.build_parser().parse_args(["--timeout", "5", "generate", "x", "--out", "o"])
+    assert (args.timeout, args.timeout_s) == (5.0, None)
 
 
 def test_a_failed_run_says_so_and_leaves_no_earlier_outputs(server, tmp_path):
