@@ -314,6 +314,19 @@ def png_bytes(size: int = 48) -> bytes:
     return buf.getvalue()
 
 
+def test_an_emptied_setting_is_refused_not_sent_as_zero(browser, server):
+    tab = Page(browser, server.url)
+    page = tab.page
+    try:
+        fast_irg(tab, temperature="")  # Number("") is 0: greedy decoding nobody asked for
+        page.click("#generate")
+        assert page.evaluate("document.getElementById('temperature').validity.valueMissing")
+        page.wait_for_timeout(300)
+        assert not [url for url in tab.requests if url.endswith("/generate")]
+    finally:
+        tab.close()
+
+
 def test_input_image_by_file_picker_and_by_drop(browser, server):
     tab = Page(browser, server.url)
     page = tab.page
@@ -341,6 +354,14 @@ def test_input_image_by_file_picker_and_by_drop(browser, server):
         page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
         page.wait_for_selector("#image-preview:not([hidden])")
         assert page.get_attribute("#image-preview", "alt") == "Input image: drop.png"
+
+        # A file that is not an image drops the one before: that one must not be sent instead.
+        notes = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a picture"}
+        page.set_input_files("#image", files=[notes])
+        page.wait_for_selector("#err-image:not([hidden])")
+        assert page.locator("#image-preview").is_hidden()
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_selector("#image-preview:not([hidden])")
 
         page.click("#generate")
         page.wait_for_selector("#stages li[data-key=done].done")

@@ -97,18 +97,26 @@
 
   // --- the server line in the header ------------------------------------------------------
 
+  // Checked at load and after every request; while the server is not ready (loading, down,
+  // draining) it is checked again every few seconds, and once it is back its caps are re-read.
+  let serverTimer = null;
   async function checkServer() {
     const line = $("server-status");
+    const was = line.dataset.state;
+    clearTimeout(serverTimer);
+    let ok = false;
     try {
       const res = await fetch("ready", { cache: "no-store" });
       const body = await res.json();
       const model = body.model ? `Model: ${body.model}` : "Model: none loaded";
-      line.textContent = res.ok ? `${model} · ready` : `${model} · not ready: ${body.reason}`;
-      line.dataset.state = res.ok ? "ok" : "bad";
+      ok = res.ok;
+      line.textContent = ok ? `${model} · ready` : `${model} · not ready: ${body.reason}`;
     } catch {
       line.textContent = "The server does not answer.";
-      line.dataset.state = "bad";
     }
+    line.dataset.state = ok ? "ok" : "bad";
+    if (!ok) serverTimer = setTimeout(checkServer, 5000);
+    else if (was === "bad") applyLimits();
   }
 
   // --- this server's limits ---------------------------------------------------------------
@@ -141,13 +149,23 @@
       if (input.value !== "" && Number(input.value) > max) input.value = String(max);
     }
     const partials = props.partial_images?.maximum;
-    if (typeof partials === "number")
-      for (const option of $("partial_images").options)
+    if (typeof partials === "number") {
+      const select = $("partial_images");
+      for (const option of select.options) {
         option.disabled = Number(option.value) > partials;
+        // A default above the cap would make every untouched request a 400.
+        if (option.disabled && option.defaultSelected) {
+          option.defaultSelected = false;
+          select.options[Math.min(partials, select.options.length - 1)].defaultSelected = true;
+        }
+      }
+      if (Number(select.value) > partials) select.value = String(partials);
+    }
     if (typeof props.width?.maximum === "number") limits.side = props.width.maximum;
     for (const chip of document.querySelectorAll("[data-size]"))
       chip.hidden = chip.dataset.size.split("x").some((v) => Number(v) > limits.side);
     onRecipe();
+    stagesIdle(); // the previewed stages follow a lowered refine_rounds default
   }
 
   // --- API key ----------------------------------------------------------------------------
@@ -182,7 +200,7 @@
     $("size-field").disabled = IMAGE_RECIPES.has(recipe);
     $("size-hint").textContent =
       recipe === "edit"
-        ? "An edit keeps the size of the input image."
+        ? "An edit keeps the input image's shape, resized as the model reads it: short side 512 or more, long side 1024 at most."
         : recipe === "understand"
           ? "No image is drawn for an answer."
           : `Multiples of 16, at most ${limits.side}.`;
@@ -191,7 +209,12 @@
   function setImage(file) {
     clearError("image");
     if (!file) return;
+    // The previous image is gone from now on: never send it in place of the one just picked.
+    imageDataUrl = null;
+    $("image-preview").hidden = true;
+    $("image-clear").hidden = true;
     if (!file.type.startsWith("image/")) {
+      clearImage();
       showError("image", `${file.name} is not an image (${file.type || "unknown type"}).`);
       return;
     }
@@ -323,7 +346,13 @@
 
   function describeValue(param, value, message) {
     if (value === null || value === undefined || param === "image" || param === "prompt") return "";
-    const text = typeof value === "string" ? value : JSON.stringify(value);
+    // JSON.parse rounds a seed past 2**53: echo the digits that were typed.
+    const text =
+      param === "seed" && $("seed").value.trim()
+        ? $("seed").value.trim()
+        : typeof value === "string"
+          ? value
+          : JSON.stringify(value);
     return message.includes(text) ? "" : ` (sent: ${text})`;
   }
 
@@ -885,6 +914,7 @@
     } finally {
       run.controller = null;
       setRunning(false);
+      checkServer();
     }
   }
 
