@@ -93,7 +93,8 @@ class Metrics:
         )
         self.finished = Counter(
             "irg_requests_finished",
-            "requests by how they ended (rejected: refused by admission, 429 / 503)",
+            "requests that passed validation, by how they ended (rejected: refused by admission, "
+            "429 / 503; invalid: refused by the engine at submit)",
             ["reason"],
             registry=r,
         )
