@@ -207,7 +207,8 @@ def test_openai_errors_use_the_same_shape(http):
 
 
 def test_metrics_are_exposed_with_their_names(http):
-    http.post("/generate", json={"prompt": "m", "recipe": "t2i", **SMALL})
+    # A think and an image of its own: every histogram below sees this request, run alone too.
+    http.post("/generate", json={"prompt": "m", "recipe": "think_t2i", **SMALL})
     text = http.get("/metrics").text
     for name in (
         "irg_requests_running",
