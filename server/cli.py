@@ -260,8 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(
     argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
+    if out is None or err is None:
+        # The model's text may hold characters the terminal's encoding cannot show.
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="replace")
     out, err = out or sys.stdout, err or sys.stderr
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        try:  # bytes from the shell that are not UTF-8 arrive as lone surrogates
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            err.write("error: the prompt is not valid UTF-8\n")
+            return 1
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = httpx.Timeout(10.0, read=args.timeout)
     try:

@@ -56,6 +56,15 @@ def test_generate_reports_http_errors(server, tmp_path):
     assert result["error"]["code"] == "invalid_parameter"
 
 
+def test_a_prompt_that_is_not_utf8_is_refused_in_words(tmp_path):
+    # What Python makes of the shell's bytes b"caf\xe9" (Latin-1): a lone surrogate.
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")
+    code, _, err = run_cli(
+        "--server", "http://127.0.0.1:9", "generate", prompt, "--out", str(tmp_path)
+    )
+    assert code == 1 and "not valid UTF-8" in err
+
+
 def test_the_read_timeout_goes_before_the_subcommand(tmp_path):
     # After `generate` it was taken for an abbreviation of --timeout-s (the server's deadline).
     with pytest.raises(SystemExit):
