@@ -299,6 +299,7 @@ def test_form_offers_only_what_the_server_accepts(browser, server):
         assert page.input_value("#width") == page.input_value("#height") == str(SIDE_CAP)
         assert f"at most {SIDE_CAP}." in page.inner_text("#size-hint")
         assert page.locator("[data-size='1024x1024']").is_hidden()
+        assert page.locator(".presets").is_visible()  # 256² and 512² remain
         assert page.get_attribute("#max_think_tokens", "max") == str(THINK_CAP)
         assert page.get_attribute("#num_timesteps", "max") == "200"  # not capped: the model's
         assert tab.problems == []

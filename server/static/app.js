@@ -162,8 +162,11 @@
       if (Number(select.value) > partials) select.value = String(partials);
     }
     if (typeof props.width?.maximum === "number") limits.side = props.width.maximum;
-    for (const chip of document.querySelectorAll("[data-size]"))
+    const chips = [...document.querySelectorAll("[data-size]")];
+    for (const chip of chips)
       chip.hidden = chip.dataset.size.split("x").some((v) => Number(v) > limits.side);
+    // A cap under every preset leaves no group to show (an empty row is a screen reader's too).
+    document.querySelector(".presets").hidden = chips.every((chip) => chip.hidden);
     onRecipe();
     stagesIdle(); // the previewed stages follow a lowered refine_rounds default
   }
