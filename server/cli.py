@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("partial-images", int),
         ("timeout-s", float),
     ):
-        help = "server-side deadline, seconds" if name == "timeout-s" else ""
-        g.add_argument(f"--{name}", type=kind, default=None, help=f"{help} (default: the server's)")
+        what = "server-side deadline, seconds " if name == "timeout-s" else ""
+        g.add_argument(f"--{name}", type=kind, default=None, help=f"{what}(default: the server's)")
     sub.add_parser("health", help="print /health and /ready; exit 0 when ready")
     return p
 
